@@ -1,0 +1,78 @@
+"""The `depthseg-wds/1` shard set: names, the DALI index format and manifest.json.
+
+A shard folder holds `{split}-{NNNNNN}.tar` with `{split}-{NNNNNN}.idx` beside each and
+`manifest.json`, written last: its presence means the set is complete. See shards/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FORMAT = "depthseg-wds/1"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+# Tar member extensions of one sample, in the order they are written; images are jpg or png.
+ROLES = ("bg", "fg_bg", "mask", "depth")
+IDX_VERSION = "v1.2"  # what DALI's wds2idx writes
+
+
+class ManifestError(Exception):
+    """A shard folder that cannot be used; the message is one sentence for the user."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}"
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """A crash leaves either the old file or the new one, never half of one."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        if not Path(folder).is_dir():
+            raise ManifestError(f"{folder} does not exist; make shards with `depthcli shard --out {folder}`.")
+        raise ManifestError(f"{folder} has no {MANIFEST}: it is not a finished shard set (run `depthcli shard`).")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path} is not a {FORMAT} manifest.")
+    return manifest
+
+
+def split_shards(manifest: dict, split: str) -> list[dict]:
+    """The shard entries of a split ({"tar", "index", "samples", "bytes", "sha256"})."""
+    shards = manifest["splits"].get(split, {}).get("shards", [])
+    if not shards:
+        have = ", ".join(f"{k} ({v['samples']} samples)" for k, v in manifest["splits"].items() if v["samples"])
+        raise ManifestError(f"the shard set has no {split!r} samples; it has {have or 'none'}.")
+    return shards
+
+
+def index_line(members: list[tuple[str, int, int]]) -> str:
+    """One sample's line of a DALI index: `ext offset size name` per member, where offset is where
+    the member's data starts and ext is its name after the key's dot."""
+    return " ".join(f"{name.split('.', 1)[1]} {offset} {size} {name}" for name, offset, size in members)
+
+
+def parse_index(path: Path) -> list[list[tuple[str, int, int]]]:
+    """The samples of a DALI index file as lists of (name, offset, size)."""
+    lines = path.read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != IDX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
+        raise ValueError(f"{path.name} is not a {IDX_VERSION} index of {len(lines) - 1} samples")
+    samples = []
+    for line in lines[1:]:
+        f = line.split(" ")
+        if len(f) % 4:
+            raise ValueError(f"{path.name} has a malformed line")
+        samples.append([(f[i + 3], int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)])
+    return samples

@@ -1,0 +1,129 @@
+"""Check a shard folder against its manifest.
+
+    depthcli verify shards/ [--decode]
+
+Every shard present with the manifest's size and sha256; its index agrees with the tar member for
+member (name, data offset, size); sample counts match; every sample has its four images (jpg or
+png, as the bytes say) and its json. `--decode` also decodes every image. Stops at the first bad
+shard and names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline.manifest import ROLES, SPLITS, parse_index, read_manifest
+from pipeline.source import BadSample, check_image, image_format
+
+
+class VerifyError(Exception):
+    """The first problem found; the message is one sentence for the user."""
+
+
+class _HashingReader:
+    """Hashes every byte tarfile reads, so the shard is read from disk once."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def read(self, size=-1):
+        b = self.f.read(size)
+        self.sha.update(b)
+        self.n += len(b)
+        return b
+
+    def drain(self):
+        while self.read(1 << 20):
+            pass
+
+
+def _check_sample(key: str, members: dict[str, bytes], decode: bool) -> None:
+    images = {m.split(".", 1)[0]: m for m in members if m != "json"}
+    if "json" not in members or set(images) != set(ROLES) or len(members) != len(ROLES) + 1:
+        raise BadSample(f"sample {key} holds {', '.join(sorted(members))}, not the bg, fg_bg, mask and depth images and json")
+    for role, name in images.items():
+        fmt = name.split(".", 1)[1]
+        if image_format(members[name]) != fmt:
+            raise BadSample(f"sample {key}: {name} does not hold {fmt} bytes")
+        if decode:
+            check_image(members[name], f"sample {key}: {role}")
+    try:
+        json.loads(members["json"])
+    except ValueError:
+        raise BadSample(f"sample {key}: its json is not valid") from None
+
+
+def verify_shard(folder: Path, entry: dict, decode: bool) -> str | None:
+    """None when the shard is good, else what is wrong with it."""
+    tar_path, idx_path = folder / entry["tar"], folder / entry["index"]
+    for p in (tar_path, idx_path):
+        if not p.is_file():
+            return f"{p.name} is missing"
+    if tar_path.stat().st_size != entry["bytes"]:
+        return f"{tar_path.name} has {tar_path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    try:
+        index = parse_index(idx_path)
+    except (ValueError, UnicodeDecodeError) as e:
+        return str(e)
+    seen: list[list[tuple[str, int, int]]] = []
+    try:
+        with open(tar_path, "rb") as f:
+            reader = _HashingReader(f)
+            key, members = None, {}
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for m in tar:
+                    k, ext = m.name.split(".", 1)
+                    if k != key:
+                        if key is not None:
+                            _check_sample(key, members, decode)
+                        key, members = k, {}
+                        seen.append([])
+                    members[ext] = tar.extractfile(m).read()
+                    seen[-1].append((m.name, m.offset_data, m.size))
+                if key is not None:
+                    _check_sample(key, members, decode)
+            reader.drain()
+    except BadSample as e:
+        return f"{tar_path.name}: {e}"
+    except (tarfile.TarError, ValueError, OSError) as e:
+        return f"{tar_path.name} is not a readable tar ({e})"
+    if reader.sha.hexdigest() != entry["sha256"]:
+        return f"{tar_path.name} does not match its sha256 in the manifest"
+    if seen != index:
+        return f"{idx_path.name} does not agree with {tar_path.name}"
+    if len(seen) != entry["samples"]:
+        return f"{tar_path.name} holds {len(seen)} samples, the manifest says {entry['samples']}"
+    return None
+
+
+def _verify_star(args):
+    return args[1]["tar"], verify_shard(*args)
+
+
+def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cpu_count() or 1) -> dict:
+    """Raise VerifyError naming the first bad shard; return a summary when all are good."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    entries = [e for split in SPLITS for e in manifest["splits"].get(split, {}).get("shards", [])]
+    for split in SPLITS:
+        part = manifest["splits"].get(split, {"samples": 0, "shards": []})
+        if part["samples"] != sum(e["samples"] for e in part["shards"]):
+            raise VerifyError(f"the manifest's {split} sample count disagrees with its shards.")
+    t = manifest["totals"]
+    if t["packed"] + t["skipped"] != t["found"] or t["skipped"] != len(manifest["skipped"]):
+        raise VerifyError("the manifest's totals do not add up (packed + skipped != found).")
+    sizes = {e["tar"]: e["bytes"] for e in entries}
+    with get_context("fork").Pool(max(1, min(workers, len(entries) or 1))) as pool, \
+            tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify") as bar:
+        for name, problem in pool.imap(_verify_star, [(folder, e, decode) for e in entries]):
+            if problem:
+                raise VerifyError(f"bad shard {name}: {problem}.")
+            bar.update(sizes[name])
+    return {"shards": len(entries), "samples": t["packed"], "bytes": sum(sizes.values()), "decoded": decode}

@@ -1,0 +1,90 @@
+"""Small data made on the fly: a procedural dataset, its shards, and a hand-made layout whose mask
+marks exactly where fg_bg differs from bg (lossless PNG), for the synchronization tests."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.make_dataset import MakeSettings, make_dataset
+from pipeline.shard import ShardSettings, shard
+
+
+def encode(arr: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def exact_sample(rng: np.random.Generator, bg: np.ndarray, ident: int) -> dict[str, np.ndarray]:
+    """fg_bg: bg with a bright rectangle pasted, its blue channel = 100 + ident so a test can tell
+    which sample it holds; mask: 255 exactly where fg_bg differs from bg; depth: a left-to-right
+    ramp x·255/(size−1), the same function of x as bg's red channel (2x), so a test can check
+    that depth and bg went through the same geometry."""
+    size = bg.shape[0]
+    h, w = rng.integers(size // 6, size // 3, 2)
+    y, x = rng.integers(4, size - h - 4), rng.integers(4, size - w - 4)
+    mask = np.zeros((size, size), np.uint8)
+    mask[y:y + h, x:x + w] = 255
+    fg_bg = bg.copy()
+    fg_bg[mask > 0] = (250, 250, 100 + ident)
+    xx = np.arange(size)[None, :].repeat(size, 0)
+    depth = np.round(xx * 255 / (size - 1)).astype(np.uint8)
+    return {"fg_bg": fg_bg, "mask": mask, "depth": depth}
+
+
+def coordinate_bg(size: int, b: int) -> np.ndarray:
+    """Red = 2x, green = 2y (where a pixel came from), blue tells the backgrounds apart."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    return np.stack([xx * 2, yy * 2, np.full_like(xx, 20 * b)], -1).astype(np.uint8)
+
+
+def write_layout(zf: zipfile.ZipFile, n_bg: int, per_bg: int, seed: int = 0, size: int = 64) -> list[str]:
+    """A zip in the original layout, with PNG images (lossless); returns the keys in order (the
+    sample with ident i is keys[i])."""
+    rng = np.random.default_rng(seed)
+    keys = []
+    for b in range(1, n_bg + 1):
+        bg = coordinate_bg(size, b)
+        zf.writestr(f"bg/bg{b:03d}.png", encode(bg))
+        for i in range(per_bg):
+            s = exact_sample(rng, bg, len(keys))
+            key = f"bg{b:03d}_fg{i + 1:03d}_{'T' if i % 2 else 'F'}_{i:06d}"
+            zf.writestr(f"fg_bg/bg{b:03d}/{key}.png", encode(s["fg_bg"]))
+            zf.writestr(f"fg_bg_masks/bg{b:03d}/{key}.png", encode(s["mask"]))
+            zf.writestr(f"fg_bg_depth/bg{b:03d}/{key}.png", encode(s["depth"]))
+            keys.append(key)
+    return keys
+
+
+@pytest.fixture(scope="session")
+def small_zip(tmp_path_factory) -> Path:
+    """48 procedural samples: 3 backgrounds x 4 foregrounds x 2 flips x 2 placements."""
+    out = tmp_path_factory.mktemp("data") / "small.zip"
+    make_dataset(MakeSettings(out=str(out), num_bg=3, num_fg=4, placements=2, size=96, workers=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory, small_zip) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    shard(ShardSettings(src=(str(small_zip),), out=str(out), shard_size=10, val_fraction=0.25, workers=2), log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exact_shards(tmp_path_factory) -> Path:
+    """64×64 PNG samples whose mask marks exactly where fg_bg differs from bg: 39 train, 25 val
+    (odd, so two ranks get parts of 12 and 13)."""
+    root = tmp_path_factory.mktemp("exact")
+    src = root / "exact.zip"
+    with zipfile.ZipFile(src, "w") as zf:
+        write_layout(zf, n_bg=4, per_bg=16)
+    out = root / "shards"
+    shard(ShardSettings(src=(str(src),), out=str(out), shard_size=8, val_fraction=0.39, workers=1), log=lambda *_: None)
+    return out

@@ -1,0 +1,112 @@
+"""train/losses.py: each term against hand- or numpy-computed values, the weights, the total."""
+
+import numpy as np
+import pytest
+import torch
+from pytorch_msssim import ssim
+
+from train.losses import LossWeights, edge_loss, head_loss, sobel, total_loss
+
+
+def step_image(size: int = 12, at: int = 6) -> torch.Tensor:
+    """1×1×size×size: 0 left of column `at`, 1 from it on (a vertical edge)."""
+    img = torch.zeros(1, 1, size, size)
+    img[..., at:] = 1.0
+    return img
+
+
+def numpy_sobel(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Independent Sobel: edge-replicated padding, explicit neighbour differences, /8."""
+    p = np.pad(img, 1, mode="edge")
+    gx = ((p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])) / 8
+    gy = ((p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])) / 8
+    return gx, gy
+
+
+def test_sobel_of_a_step_by_hand():
+    gx, gy = sobel(step_image())
+    expected = torch.zeros(12, 12)
+    expected[:, 5:7] = 0.5  # (1 + 2 + 1) / 8 on the two columns beside the step, positive rightwards
+    assert torch.equal(gx[0, 0], expected)
+    assert torch.equal(gy, torch.zeros_like(gy))
+
+
+def test_sobel_matches_numpy_on_random_image():
+    img = torch.rand(1, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    gx, gy = sobel(img)
+    ngx, ngy = numpy_sobel(img[0, 0].double().numpy())
+    np.testing.assert_allclose(gx[0, 0].numpy(), ngx, atol=1e-6)
+    np.testing.assert_allclose(gy[0, 0].numpy(), ngy, atol=1e-6)
+
+
+def test_edge_term_by_hand():
+    # Target has a vertical unit step, prediction is flat: |gx| = 0.5 on 2 of 12 columns, gy = 0.
+    assert edge_loss(torch.zeros(1, 1, 12, 12), step_image()).item() == pytest.approx(2 * 12 * 0.5 / 144)
+    # A horizontal step instead: now only the y term is non-zero, by the same amount.
+    assert edge_loss(torch.zeros(1, 1, 12, 12), step_image().transpose(2, 3)).item() == pytest.approx(1 / 12)
+
+
+def test_edge_term_matches_numpy():
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.rand(1, 1, 12, 12, generator=g), torch.rand(1, 1, 12, 12, generator=g)
+    (px, py), (tx, ty) = numpy_sobel(pred[0, 0].double().numpy()), numpy_sobel(target[0, 0].double().numpy())
+    expected = np.abs(px - tx).mean() + np.abs(py - ty).mean()
+    assert edge_loss(pred, target).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_l1_term_by_hand():
+    pred = torch.full((1, 1, 12, 12), 0.25)
+    target = step_image()
+    # Half the pixels off by 0.25, half by 0.75.
+    w = LossWeights(w_ssim=0.0, w_l1=1.0, w_edge=0.0)
+    assert head_loss(pred, target, w).item() == pytest.approx(0.5)
+
+
+def test_perfect_prediction_has_zero_loss():
+    target = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert abs(head_loss(target.clone(), target, LossWeights()).item()) < 1e-6
+
+
+def test_weights_weight_each_term():
+    g = torch.Generator().manual_seed(4)
+    pred, target = torch.rand(2, 1, 64, 64, generator=g), torch.rand(2, 1, 64, 64, generator=g)
+    l1 = (pred - target).abs().mean()
+    s = 1 - ssim(pred, target, data_range=1.0, size_average=True)
+    e = edge_loss(pred, target)
+    assert torch.equal(head_loss(pred, target, LossWeights(0.0, 1.0, 0.0)), l1)
+    assert head_loss(pred, target, LossWeights(1.0, 0.0, 0.0)).item() == pytest.approx(s.item(), abs=1e-6)
+    assert head_loss(pred, target, LossWeights(0.0, 0.0, 1.0)).item() == pytest.approx(e.item(), abs=1e-6)
+    mixed = head_loss(pred, target, LossWeights(0.3, 2.0, 0.7)).item()
+    assert mixed == pytest.approx((0.3 * s + 2.0 * l1 + 0.7 * e).item(), abs=1e-6)
+
+
+def test_total_is_mask_plus_depth():
+    g = torch.Generator().manual_seed(5)
+    mp, dp, m, d = (torch.rand(2, 1, 64, 64, generator=g) for _ in range(4))
+    w = LossWeights()
+    total, parts = total_loss(mp, dp, m, d, w)
+    assert parts["mask"].item() == pytest.approx(head_loss(mp, m, w).item(), abs=1e-6)
+    assert parts["depth"].item() == pytest.approx(head_loss(dp, d, w).item(), abs=1e-6)
+    assert total.item() == pytest.approx((parts["mask"] + parts["depth"]).item(), abs=1e-6)
+    assert parts["mask"].item() != pytest.approx(parts["depth"].item())
+
+
+def test_gradient_reaches_predictions():
+    g = torch.Generator().manual_seed(6)
+    mp, dp = (torch.rand(1, 1, 64, 64, generator=g).requires_grad_() for _ in range(2))
+    total, _ = total_loss(mp, dp, torch.rand(1, 1, 64, 64, generator=g), torch.rand(1, 1, 64, 64, generator=g), LossWeights())
+    total.backward()
+    for x in (mp, dp):
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_loss_is_float32_under_bf16_autocast():
+    """Under autocast the loss must be computed as in float32, not with bf16 convolutions."""
+    g = torch.Generator().manual_seed(7)
+    pred = torch.rand(2, 1, 64, 64, generator=g).bfloat16()
+    target = torch.rand(2, 1, 64, 64, generator=g).bfloat16()
+    expected = head_loss(pred.float(), target.float(), LossWeights())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head_loss(pred, target, LossWeights())
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)

@@ -1,0 +1,69 @@
+"""Training loss: per head w_ssim·(1 − SSIM) + w_l1·L1 + w_edge·edge; total = mask + depth.
+
+    from train.losses import LossWeights, total_loss
+    loss, parts = total_loss(mask_pred, depth_pred, batch["mask"], batch["depth"], LossWeights())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ssim
+
+# Sobel kernels divided by 8, so a ramp rising by s per pixel has gradient exactly s: the edge
+# term is then in the same units as L1 and w_edge = 1 weighs them alike.
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
+_SOBEL_Y = _SOBEL_X.t()
+
+
+@dataclass
+class LossWeights:
+    """Weights of the three terms, the same for both heads.
+
+    0.84 / 0.16 is the SSIM/L1 mix of Zhao et al., "Loss Functions for Image Restoration with
+    Neural Networks" (2017): SSIM keeps structure and contrast, L1 keeps absolute level, which
+    SSIM ignores. The edge term at 1.0 sharpens object and depth boundaries, where both maps err
+    most; with normalised Sobel kernels it is on L1's scale.
+    """
+
+    w_ssim: float = 0.84
+    w_l1: float = 0.16
+    w_edge: float = 1.0
+
+
+def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal and vertical gradients of B×1×H×W maps. Replicate padding: a map that is flat
+    at its border has zero gradient there, instead of a false edge against zero padding."""
+    x = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    kx = _SOBEL_X.to(x.device, x.dtype).view(1, 1, 3, 3)
+    ky = _SOBEL_Y.to(x.device, x.dtype).view(1, 1, 3, 3)
+    return F.conv2d(x, kx), F.conv2d(x, ky)
+
+
+def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean |∂x pred − ∂x target| + mean |∂y pred − ∂y target|."""
+    (px, py), (tx, ty) = sobel(pred), sobel(target)
+    return (px - tx).abs().mean() + (py - ty).abs().mean()
+
+
+def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights) -> torch.Tensor:
+    """Loss of one head; pred and target are B×1×H×W in [0, 1], H and W at least 11 (the SSIM
+    window). Computed in float32 with autocast off: SSIM's small constants (1e-4, 9e-4) and the
+    differences of nearly equal means are lost in bf16."""
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        pred, target = pred.float(), target.float()
+        loss = weights.w_l1 * (pred - target).abs().mean()
+        if weights.w_ssim:
+            loss = loss + weights.w_ssim * (1 - ssim(pred, target, data_range=1.0, size_average=True))
+        if weights.w_edge:
+            loss = loss + weights.w_edge * edge_loss(pred, target)
+        return loss
+
+
+def total_loss(mask_pred: torch.Tensor, depth_pred: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor,
+               weights: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(mask loss + depth loss, {"mask": .., "depth": ..}); the parts are detached, for logging."""
+    parts = {"mask": head_loss(mask_pred, mask, weights), "depth": head_loss(depth_pred, depth, weights)}
+    return parts["mask"] + parts["depth"], {k: v.detach() for k, v in parts.items()}

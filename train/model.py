@@ -1,0 +1,130 @@
+"""The networks: bg and fg_bg in, mask and depth out.
+
+    from train.model import build_model
+    mask, depth = build_model("reference", dropout=0.2)(torch.cat([bg, fg_bg], 1))
+
+The reference network (3,165,170 parameters) is a small two-stream ResNet encoder with two U-Net
+style decoders:
+
+    per stream (bg, fg_bg)  conv3x3 3->32 + BN + ReLU, 2 BasicBlocks(32)        H      2 x 38,048
+    concatenate             64 channels                                        H      (skip 2)
+    stage 1                 BasicBlock(64->128, stride 2) + BasicBlock(128)    H/2    525,568 (skip 1)
+    stage 2                 BasicBlock(128->256, stride 2) + BasicBlock(256)   H/4    2,099,712
+    decoder (F = 64 mask, 128 depth)
+        1x1 conv 256->F + LeakyReLU
+        up 1: ConvTranspose2d(F, F, 2, 2), concat skip 1, 3x3 (F+128 -> F/2), 3x3 (F/2 -> F/2)
+        up 2: ConvTranspose2d(F/2, F/2, 2, 2), concat skip 2, 3x3 (F/2+64 -> F/4), 3x3 (F/4 -> F/4)
+        3x3 conv F/4 -> 1, sigmoid                              mask 117,905; depth 345,889
+
+The encoder is torchvision's convention (bias-free convs followed by BN, a 1x1 conv + BN
+shortcut where the shape changes); the decoder has biased convs and no BN. Of the ResNet/U-Net
+variants searched (bias, BN, blocks per stage, kernel sizes, decoder widths), this is the one
+that follows the usual conventions throughout and gives exactly the reference's count.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    """ResNet's BasicBlock, with dropout between its two convs (where Wide-ResNets put it), so
+    the residual path is regularised but the shortcut never is."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
+def stem(dropout: float) -> nn.Sequential:
+    """One image (3 channels) to 32 full-resolution features."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        BasicBlock(32, 32, dropout=dropout), BasicBlock(32, 32, dropout=dropout),
+    )
+
+
+def stage(cin: int, cout: int, dropout: float) -> nn.Sequential:
+    """Halve the resolution, widen to `cout`: a strided block then a plain one (as ResNet-18)."""
+    return nn.Sequential(BasicBlock(cin, cout, 2, dropout), BasicBlock(cout, cout, 1, dropout))
+
+
+def conv_lrelu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True))
+
+
+class Up(nn.Module):
+    """×2 transposed conv, concatenate the encoder's skip at that resolution, two 3x3 convs that
+    halve the width (U-Net's habit: fewer features as resolution grows)."""
+
+    def __init__(self, cin: int, skip: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin, 2, 2)
+        self.convs = nn.Sequential(conv_lrelu(cin + skip, cin // 2), conv_lrelu(cin // 2, cin // 2))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.convs(torch.cat([self.up(x), skip], 1))
+
+
+class Decoder(nn.Module):
+    """Bottleneck (256 channels, H/4) to one map at H, in [0, 1]."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        # A nonlinearity after the 1x1 conv, else it and the transposed conv would be one linear map.
+        self.reduce = nn.Sequential(nn.Conv2d(256, features, 1), nn.LeakyReLU(0.2, inplace=True))
+        self.up1 = Up(features, 128)
+        self.up2 = Up(features // 2, 64)
+        self.out = nn.Conv2d(features // 4, 1, 3, 1, 1)
+
+    def forward(self, bottleneck: torch.Tensor, skip1: torch.Tensor, skip2: torch.Tensor) -> torch.Tensor:
+        x = self.up2(self.up1(self.reduce(bottleneck), skip1), skip2)
+        # Sigmoid, not logits: both targets are images in [0, 1], and the SSIM term of the loss
+        # (data_range=1) and the metrics need predictions on the same scale.
+        return torch.sigmoid(self.out(x))
+
+
+class ReferenceNet(nn.Module):
+    """The reference two-stream encoder with a mask decoder (64 features) and a depth decoder
+    (128: depth is the harder, denser target). Input B×6×H×W, H and W multiples of 4."""
+
+    def __init__(self, dropout: float = 0.2):
+        super().__init__()
+        self.bg_stem, self.fg_bg_stem = stem(dropout), stem(dropout)
+        self.stage1 = stage(64, 128, dropout)
+        self.stage2 = stage(128, 256, dropout)
+        self.mask_head, self.depth_head = Decoder(64), Decoder(128)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-2] % 4 or x.shape[-1] % 4:
+            # Two stride-2 stages and two ×2 upsamplings: other sizes cannot meet their skips.
+            raise ValueError(f"input height and width must be multiples of 4, got {tuple(x.shape[-2:])}")
+        skip2 = torch.cat([self.bg_stem(x[:, :3]), self.fg_bg_stem(x[:, 3:])], 1)
+        skip1 = self.stage1(skip2)
+        bottleneck = self.stage2(skip1)
+        return self.mask_head(bottleneck, skip1, skip2), self.depth_head(bottleneck, skip1, skip2)
+
+
+# name -> constructor(dropout=...); add variants here and they become `--model` choices.
+MODELS: dict[str, Callable[..., nn.Module]] = {"reference": ReferenceNet}
+
+
+def build_model(name: str = "reference", dropout: float = 0.2) -> nn.Module:
+    """The model `name` from MODELS; its forward maps B×6×H×W to (mask, depth), each B×1×H×W in [0, 1]."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
+    return MODELS[name](dropout=dropout)
