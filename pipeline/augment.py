@@ -17,13 +17,14 @@ class Augment:
     vflip_p: float = 0.3
     rotate_p: float = 0.7
     rotate_deg: float = 15.0  # angle ~ U(-rotate_deg, rotate_deg), corners filled with 0
+    rotate_interp: str = "linear"  # for bg and fg_bg; mask and depth are always nearest (labels)
     color_p: float = 0.5  # then RGB shift or HSV, one of the two with equal odds
     rgb_shift: float = 20 / 255  # per channel, ~ U(-rgb_shift, rgb_shift)
     hue_deg: float = 20.0
     saturation: float = 0.3  # factor ~ U(1 - saturation, 1 + saturation)
     value: float = 0.2  # factor ~ U(1 - value, 1 + value)
     noise_p: float = 0.5
-    noise_min: float = 3 / 255  # sigma ~ U(noise_min, noise_max)
+    noise_min: float = 3 / 255  # sigma ~ U(noise_min, noise_max), in steps of 0.5/255 (DALI's noise bank)
     noise_max: float = 7 / 255
     dropout_p: float = 0.5
     dropout_max_holes: int = 2  # 1 to this many holes
@@ -42,6 +43,12 @@ class Augment:
         if unknown:
             raise ValueError(f"unknown augmentation {sorted(unknown)}; choose from {sorted(p[:-2] for p in probs)}")
         return replace(self, **{p: 0.0 for p in probs if p[:-2] not in ops})
+
+    def __post_init__(self):
+        if self.rotate_interp not in ("linear", "nearest"):
+            raise ValueError(f"rotate_interp must be 'linear' or 'nearest', got {self.rotate_interp!r}")
+        if not 0 <= self.noise_min <= self.noise_max or self.dropout_max_holes < 1:
+            raise ValueError("need 0 <= noise_min <= noise_max and dropout_max_holes >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

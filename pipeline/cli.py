@@ -13,12 +13,12 @@ import sys
 import click
 
 from pipeline.make_dataset import DatasetError
-from pipeline.manifest import ManifestError
+from pipeline.manifest import LoaderError, ManifestError
 from pipeline.shard import ShardError
 from pipeline.source import SourceError
 from pipeline.verify import VerifyError
 
-USER_ERRORS = (DatasetError, ManifestError, ShardError, SourceError, VerifyError)
+USER_ERRORS = (DatasetError, LoaderError, ManifestError, ShardError, SourceError, VerifyError)
 CPUS = os.cpu_count() or 1
 
 
@@ -109,6 +109,39 @@ def verify_cmd(folder, decode, workers):
     r = verify(folder, decode=decode, workers=workers)
     click.echo(f"ok: {r['shards']} shards, {r['samples']:,} samples, {r['bytes'] / 1e6:,.1f} MB"
                + (", every image decoded" if r["decoded"] else ""))
+
+
+@main.command("bench")
+@click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder.")
+@click.option("--loader", type=click.Choice(["dali", "torch", "all"]), default="all", show_default=True,
+              help="Loader to time; all = every available one, in this process, with their ratio.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--res", default=224, show_default=True, help="Square resolution the loader resizes to.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batches", default=50, show_default=True, help="Timed batches, after --warmup.")
+@click.option("--warmup", default=5, show_default=True, help="Batches before the clock starts.")
+@click.option("--workers", type=int, help="CPU threads (dali) or worker processes (torch). (default: all cores)")
+@click.option("--augment/--no-augment", default=True, show_default=True, help="Full training augmentation, or decode and resize only.")
+@click.option("--rotate-interp", type=click.Choice(["linear", "nearest"]), default="linear", show_default=True,
+              help="Interpolation of bg and fg_bg when rotated (mask and depth: always nearest).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per loader, for scripts.")
+@user_errors
+def bench_cmd(loader, as_json, **kw):
+    """Time a loader on the train split: samples/s and images/s after warm-up."""
+    import json
+
+    from pipeline.bench import bench_loader
+    from pipeline.loaders import available_loaders
+
+    names = available_loaders() if loader == "all" else [loader]
+    results = [bench_loader(loader=name, **kw) for name in names]
+    for r in results:
+        click.echo(json.dumps(r) if as_json else
+                   f"{r['loader']:5s} {r['device']:6s} res {r['res']} batch {r['batch_size']}"
+                   f"{'' if r['augment'] else ' (no augmentation)'}: {r['samples_per_s']:,.0f} samples/s, "
+                   f"{r['images_per_s']:,.0f} images/s")
+    if len(results) == 2 and not as_json:
+        click.echo(f"dali / torch = {results[0]['samples_per_s'] / results[1]['samples_per_s']:.2f}")
 
 
 if __name__ == "__main__":

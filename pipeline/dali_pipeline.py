@@ -1,25 +1,28 @@
 """The DALI graph: read shards, decode, resize, augment, hand batches to PyTorch.
 
 One graph for the GPU (JPEG decoded by device="mixed", every op on the GPU) and the CPU
-(device_id=None, the same ops on CPU threads). The four images of a sample are stacked into one
-8-channel image (bg 3, fg_bg 3, mask 1, depth 1) before resize and geometry, so each geometric op
-runs once per sample and is synchronized by construction; photometric ops then touch bg and
-fg_bg only. Conditionals (`if coin:`) run an op only on the samples that drew it.
+(device_id=None, the same ops on CPU threads). A sample travels as three images: bg, fg_bg and
+its labels (mask and depth stacked, 2 channels). Every geometric parameter is drawn once per
+sample and the same node is given to the op of each image, so geometry is synchronized by
+construction; photometric ops touch bg and fg_bg only. Conditionals (`if coin:`) run an op only
+on the samples that drew it. Costs per op on the CPU are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import nvidia.dali.math as dmath
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.augment import Augment
-from pipeline.loaders import LoaderError, Plan, split_channels, valid_mask
+from pipeline.loaders import LoaderError, Plan, valid_mask
 from pipeline.manifest import ROLES
 
 READER = "Reader"
@@ -30,44 +33,81 @@ def _coin(p: float):
     return fn.random.coin_flip(probability=p, dtype=types.BOOL)
 
 
-def _geometry(x, aug: Augment):
-    """Flips and rotation, drawn once per sample, on all eight channels at once."""
+def _resize(images: list, res: int, gpu: bool) -> list:
+    """Antialiased resize to res×res. On the CPU it is skipped for samples already at res (a
+    224→224 resize of the four images costs more than decoding them)."""
+    if gpu:
+        return [fn.resize(x, size=[res, res], antialias=True) for x in images]
+    shape = images[0].shape()  # the four images of a sample share a size (checked when sharding)
+    if (shape[0] != res) | (shape[1] != res):
+        images = [fn.resize(x, size=[res, res], antialias=True) for x in images]
+    return images
+
+
+def _geometry(images: list, aug: Augment) -> list:
+    """Flips and rotation: each parameter drawn once per sample and given to every image's op.
+    The labels (last) rotate with nearest neighbour: no blended mask values or depths across an
+    edge, and DALI's CPU linear warp costs 12× OpenCV's (BENCHMARKS.md)."""
     if aug.hflip_p > 0 or aug.vflip_p > 0:
-        x = fn.flip(x, horizontal=fn.random.coin_flip(probability=aug.hflip_p),
-                    vertical=fn.random.coin_flip(probability=aug.vflip_p))
+        h, v = fn.random.coin_flip(probability=aug.hflip_p), fn.random.coin_flip(probability=aug.vflip_p)
+        images = [fn.flip(x, horizontal=h, vertical=v) for x in images]
     if aug.rotate_p > 0 and _coin(aug.rotate_p):
         angle = fn.random.uniform(range=[-aug.rotate_deg, aug.rotate_deg])
-        x = fn.rotate(x, angle=angle, fill_value=0, keep_size=True, interp_type=types.INTERP_LINEAR)
-    return x
+        image_interp = types.INTERP_LINEAR if aug.rotate_interp == "linear" else types.INTERP_NN
+        images = [fn.rotate(x, angle=angle, fill_value=0, keep_size=True,
+                            interp_type=types.INTERP_NN if i == len(images) - 1 else image_interp)
+                  for i, x in enumerate(images)]
+    return images
 
 
 def _draws(aug: Augment) -> dict:
     """Every photometric parameter of one image (or of both, when shared)."""
-    d = {"color": _coin(aug.color_p), "rgb": _coin(0.5), "noise": _coin(aug.noise_p), "dropout": _coin(aug.dropout_p),
-         "shift": fn.random.uniform(range=[-aug.rgb_shift * 255, aug.rgb_shift * 255], shape=[3]),
-         "hue": fn.random.uniform(range=[-aug.hue_deg, aug.hue_deg]),
-         "sat": fn.random.uniform(range=[1 - aug.saturation, 1 + aug.saturation]),
-         "val": fn.random.uniform(range=[1 - aug.value, 1 + aug.value]),
-         "sigma": fn.random.uniform(range=[aug.noise_min * 255, aug.noise_max * 255])}
-    # Holes: n = 1..max, each up to max_h × max_w of the image (at least half of that), inside it.
     n = aug.dropout_max_holes
+    # Holes: 1..n of them, each at least half of max_h × max_w, inside the image.
     size = fn.random.uniform(range=[0.5, 1.0], shape=[n, 2]) * [aug.dropout_max_h, aug.dropout_max_w]
-    used = fn.cast(fn.random.uniform(range=[0, n], shape=[n, 1]) < fn.random.uniform(range=[1, n + 1]), dtype=types.FLOAT)
-    used = fn.stack(*([fn.constant(fdata=1.0, shape=[1])] + [used[i] for i in range(1, n)])) if n > 1 else used
-    d["hole_shape"] = fn.reshape(size * used, shape=[2 * n])
-    d["hole_anchor"] = fn.reshape(fn.random.uniform(range=[0, 1], shape=[n, 2]) * (1 - size), shape=[2 * n])
-    return d
+    holes = fn.random.uniform(values=[float(k) for k in range(1, n + 1)])
+    used = fn.cast(types.Constant(np.arange(n, dtype=np.float32).reshape(n, 1)) < holes, dtype=types.FLOAT)
+    return {"color": _coin(aug.color_p), "rgb": _coin(0.5), "noise": _coin(aug.noise_p), "dropout": _coin(aug.dropout_p),
+            "shift": fn.random.uniform(range=[-aug.rgb_shift * 255, aug.rgb_shift * 255], shape=[3]),
+            "hue": fn.random.uniform(range=[-aug.hue_deg, aug.hue_deg]),
+            "sat": fn.random.uniform(range=[1 - aug.saturation, 1 + aug.saturation]),
+            "val": fn.random.uniform(range=[1 - aug.value, 1 + aug.value]),
+            "noise_at": fn.random.uniform(range=[0, 1], shape=[2]),
+            "hole_shape": fn.reshape(size * used, shape=[2 * n]),
+            "hole_anchor": fn.reshape(fn.random.uniform(range=[0, 1], shape=[n, 2]) * (1 - size), shape=[2 * n])}
 
 
-def _photometric(img, d: dict, aug: Augment):
+NOISE_STEP = 0.5  # sigma levels of the bank, in pixel values
+
+
+@lru_cache(maxsize=4)
+def noise_bank(res: int, aug: Augment) -> np.ndarray:
+    """Gaussian noise as int8 pixel offsets: one block per sigma level from noise_min to
+    noise_max (steps of 0.5/255), stacked along the height, each 2·res (at least 512) square.
+    A noisy image adds a random res×res window of a random level: per-pixel i.i.d. within the
+    image, rounded to whole pixel values as any uint8 image's noise is, and on the CPU 10×
+    cheaper than fn.noise.gaussian drawing res²×3 normals per image (BENCHMARKS.md)."""
+    side = max(512, 2 * res)
+    sigmas = np.arange(aug.noise_min * 255, aug.noise_max * 255 + 1e-6, NOISE_STEP) if aug.noise_max > 0 else [0.0]
+    z = np.random.default_rng(0).standard_normal((len(sigmas), side, side, 3))
+    noise = np.clip(np.round(z * np.asarray(sigmas)[:, None, None, None]), -127, 127).astype(np.int8)
+    return noise.reshape(len(sigmas) * side, side, 3)
+
+
+def _photometric(img, d: dict, aug: Augment, bank, bank_shape: tuple, res: int):
     """Colour shift (RGB shift or HSV), Gaussian noise, coarse dropout: uint8 HWC in and out."""
     if aug.color_p > 0 and d["color"]:
-        if d["rgb"]:
-            img = fn.cast(dmath.clamp(fn.cast(img, dtype=types.FLOAT) + d["shift"], 0, 255), dtype=types.UINT8)
+        if d["rgb"]:  # x + shift per channel, saturated to uint8, in one pass
+            img = fn.crop_mirror_normalize(img, dtype=types.UINT8, output_layout="HWC", mean=-d["shift"], std=[1.0])
         else:
             img = fn.hsv(img, hue=d["hue"], saturation=d["sat"], value=d["val"])
     if aug.noise_p > 0 and d["noise"]:
-        img = fn.noise.gaussian(img, stddev=d["sigma"])
+        # A random level (block) and a random window in it; crop_pos_y is relative to the bank.
+        levels, side = bank_shape[0] // bank_shape[1], bank_shape[1]
+        level = fn.random.uniform(values=[float(k) for k in range(levels)])
+        y = (level * side + d["noise_at"][1] * (side - res)) / (levels * side - res)
+        noise = fn.crop(bank, crop=(res, res), crop_pos_x=d["noise_at"][0], crop_pos_y=y)
+        img = fn.cast(dmath.clamp(img + noise, 0, 255), dtype=types.UINT8)
     if aug.dropout_p > 0 and d["dropout"]:
         img = fn.erase(img, anchor=d["hole_anchor"], shape=d["hole_shape"], axis_names="HW", normalized=True, fill_value=0)
     return img
@@ -75,25 +115,27 @@ def _photometric(img, d: dict, aug: Augment):
 
 @pipeline_def(enable_conditionals=True)
 def depthseg_pipeline(plan: Plan, res: int, aug: Augment, gpu: bool):
-    """bg, fg_bg, mask, depth → one float B×8×res×res tensor in [0, 1] (CHW)."""
+    """Shards → bg (3), fg_bg (3), labels (mask and depth, 2): float CHW in [0, 1]."""
     raw = fn.readers.webdataset(
         paths=plan.tars, index_paths=plan.indexes, ext=[f"{r}.jpg;{r}.png" for r in ROLES],
         missing_component_behavior="error", name=READER, shard_id=plan.rank, num_shards=plan.world_size,
         random_shuffle=plan.train, initial_fill=SHUFFLE_BUFFER, stick_to_shard=not plan.train,
         pad_last_batch=not plan.train)
     device = "mixed" if gpu else "cpu"
-    decoded = [fn.decoders.image(r, device=device, output_type=types.RGB if i < 2 else types.GRAY)
-               for i, r in enumerate(raw)]
-    x = fn.resize(fn.cat(*decoded, axis=2), size=[res, res], antialias=True)
+    bg, fg_bg, mask, depth = [fn.decoders.image(r, device=device, output_type=types.RGB if i < 2 else types.GRAY)
+                              for i, r in enumerate(raw)]
+    images = _resize([bg, fg_bg, fn.cat(mask, depth, axis=2)], res, gpu)  # labels share every op
     if plan.train:
-        x = _geometry(x, aug)
+        images = _geometry(images, aug)
         if aug.color_p > 0 or aug.noise_p > 0 or aug.dropout_p > 0:
+            noise = noise_bank(res, aug)
+            bank = types.Constant(noise, layout="HWC", device="gpu" if gpu else "cpu")
             first = _draws(aug)
             second = first if aug.shared else _draws(aug)
-            bg = _photometric(x[:, :, 0:3], first, aug)
-            fg_bg = _photometric(x[:, :, 3:6], second, aug)
-            x = fn.cat(bg, fg_bg, x[:, :, 6:8], axis=2)
-    return fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
+            images[0] = _photometric(images[0], first, aug, bank, noise.shape, res)
+            images[1] = _photometric(images[1], second, aug, bank, noise.shape, res)
+    return tuple(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
+                 for x in images)
 
 
 @contextmanager
@@ -122,8 +164,8 @@ class DaliLoader:
         self.device = torch.device(device)
         policy = LastBatchPolicy.DROP if plan.train else LastBatchPolicy.FILL
         with dali_errors(plan):  # the iterator runs the first batches already
-            self.iterator = DALIGenericIterator(pipe, ["images"], reader_name=READER, last_batch_policy=policy,
-                                                auto_reset=True)
+            self.iterator = DALIGenericIterator(pipe, ["bg", "fg_bg", "labels"], reader_name=READER,
+                                                last_batch_policy=policy, auto_reset=True)
 
     def __len__(self) -> int:
         return self.plan.batches
@@ -134,9 +176,9 @@ class DaliLoader:
 
     def _batches(self):
         for i, out in enumerate(self.iterator):
-            images = out[0]["images"]
-            if images.device != self.device:
-                images = images.to(self.device, non_blocking=True)
-            yield split_channels(images, valid_mask(self.plan, i, len(images)) if not self.plan.train
-                                 else torch.ones(len(images), dtype=torch.bool))
+            b = {k: v.to(self.device, non_blocking=True) for k, v in out[0].items()}
+            n = len(b["bg"])
+            valid = valid_mask(self.plan, i, n) if not self.plan.train else torch.ones(n, dtype=torch.bool)
+            yield {"bg": b["bg"], "fg_bg": b["fg_bg"], "mask": b["labels"][:, 0:1], "depth": b["labels"][:, 1:2],
+                   "valid": valid.to(self.device)}
 

@@ -25,13 +25,11 @@ from pathlib import Path
 import torch
 
 from pipeline.augment import Augment
-from pipeline.manifest import ManifestError, read_manifest, split_shards
+from pipeline.manifest import LoaderError, ManifestError, read_manifest, split_shards  # noqa: F401 (re-exported)
 
 LOADERS = ("dali", "torch")
 
 
-class LoaderError(Exception):
-    """Data that cannot be read mid-epoch; the message is one sentence for the user."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ class ManifestError(Exception):
     """A shard folder that cannot be used; the message is one sentence for the user."""
 
 
+class LoaderError(Exception):
+    """A shard whose contents cannot be decoded mid-epoch; the message is one sentence."""
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
 

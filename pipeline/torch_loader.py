@@ -1,10 +1,10 @@
 """The reference loader: webdataset + torch DataLoader, the same contract and epoch rules as the
 DALI loader (see pipeline.loaders), for machines without DALI and as the benchmark's baseline.
 
-Workers decode with PIL and resize; augmentation is batched torch code (every random parameter
-drawn per sample, as tensors), run in the workers on the CPU and on the device on a GPU, where
-it costs almost nothing. On this 2-core CPU, batched in the workers measured faster than per
-sample (BENCHMARKS.md).
+Workers decode with PIL and resize; augmentation is torch code written for batches (every random
+parameter drawn per sample, as tensors). Where it runs was decided by measuring (BENCHMARKS.md):
+on a GPU, on whole batches on the device, where it costs almost nothing; on the CPU, per sample
+in the workers (2.7× faster than whole batches, in the workers or in the main process).
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def _geometry(x: torch.Tensor, aug: Augment, g: torch.Generator) -> torch.Tensor:
-    """Flips and rotation, drawn once per sample, applied to all eight channels together."""
+    """Flips and rotation, drawn once per sample, applied to all eight channels together; the
+    labels (mask, depth) rotate with nearest neighbour, as in the DALI graph."""
     n, dev = len(x), x.device
     for p, dim in ((aug.hflip_p, -1), (aug.vflip_p, -2)):
         if p > 0:
@@ -83,8 +84,10 @@ def _geometry(x: torch.Tensor, aug: Augment, g: torch.Generator) -> torch.Tensor
         cos, sin, zero = a.cos(), a.sin(), torch.zeros_like(a)
         theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
         grid = F.affine_grid(theta, list(x[rot].shape), align_corners=False)
+        mode = "bilinear" if aug.rotate_interp == "linear" else "nearest"
         x = x.clone()
-        x[rot] = F.grid_sample(x[rot], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x[rot] = torch.cat([F.grid_sample(x[rot][:, :6], grid, mode=mode, padding_mode="zeros", align_corners=False),
+                            F.grid_sample(x[rot][:, 6:], grid, mode="nearest", padding_mode="zeros", align_corners=False)], 1)
     return x
 
 
@@ -144,16 +147,18 @@ def augment_batch(x: torch.Tensor, aug: Augment, g: torch.Generator) -> torch.Te
 # --- the loader ------------------------------------------------------------------------------
 
 class _AugmentInWorker:
-    """A picklable stage that augments whole batches inside a DataLoader worker."""
+    """A picklable stage that augments one sample inside a DataLoader worker. On the CPU this
+    is 2.7× faster than augmenting whole batches (in the workers or in the main process): a
+    batch's float intermediates do not fit in cache (BENCHMARKS.md)."""
 
     def __init__(self, aug: Augment, seed: int):
         self.aug, self.seed, self.g = aug, seed, None
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor) -> torch.Tensor:
         if self.g is None:
             info = get_worker_info()
             self.g = torch.Generator().manual_seed(self.seed * 1000 + (info.id if info else 0))
-        return augment_batch(batch, self.aug, self.g)
+        return augment_batch(sample[None], self.aug, self.g)[0]
 
 
 def _in_part(plan: Plan):
@@ -190,9 +195,10 @@ class TorchLoader:
     def _train_loader(self):
         rank_seed = (self.seed * 1000 + self.plan.rank) * 1000 + self.epoch
         ds = (wds.WebDataset(self.plan.tars, resampled=True, shardshuffle=False, nodesplitter=None, seed=rank_seed)
-              .shuffle(SHUFFLE_BUFFER).map(self._decode).batched(self.plan.batch_size, collation_fn=torch.stack, partial=False))
+              .shuffle(SHUFFLE_BUFFER).map(self._decode))
         if not self.on_device:
             ds = ds.map(_AugmentInWorker(self.aug, rank_seed))
+        ds = ds.batched(self.plan.batch_size, collation_fn=torch.stack, partial=False)
         return DataLoader(ds, batch_size=None, num_workers=self.workers, persistent_workers=False,
                           pin_memory=self.on_device, prefetch_factor=2 if self.workers else None)
 

@@ -87,6 +87,7 @@ def test_geometry_is_synchronized(exact_shards, loader):
     _, got = batches(exact_shards, loader, epochs=3, augment=aug)
     checked = 0
     for s in samples(got):
+        assert set(np.unique(s["mask"])) <= {0.0, 1.0}  # labels rotate with nearest: never blended
         mask = s["mask"][..., 0] > 0.5
         differs = np.abs(s["fg_bg"] - s["bg"]).max(-1) > 0.1
         inner, outer = erode(mask), ~erode(~mask)  # away from the edges by 2 px

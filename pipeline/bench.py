@@ -1,0 +1,46 @@
+"""Loader throughput: samples/s and images/s (4 images a sample) after warm-up.
+
+    depthcli bench --shards shards/ --loader all --device cpu --res 224
+
+Times whole batches as the trainer receives them (on the device, in the contract), with the full
+training augmentation unless --no-augment; several loaders run one after the other in the same
+process so their ratio compares like with like.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from pipeline.augment import Augment
+from pipeline.loaders import build_loader
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # timing only after the device is done
+
+
+def bench_loader(shards: str, loader: str, device: str = "cpu", res: int = 224, batch_size: int = 64,
+                 batches: int = 50, warmup: int = 5, workers: int | None = None, augment: bool = True,
+                 rotate_interp: str = "linear") -> dict:
+    aug = Augment(rotate_interp=rotate_interp) if augment else Augment.off()
+    it = build_loader(shards, split="train", res=res, batch_size=batch_size, loader=loader, device=device,
+                      augment=aug, workers=workers)
+    stream = itertools.chain.from_iterable(iter(it) for _ in itertools.count())  # epochs back to back
+    for _ in range(warmup):
+        next(stream)
+    _sync(device)
+    t0 = time.perf_counter()
+    checksum = 0.0
+    for _ in range(batches):
+        b = next(stream)
+        checksum += float(b["mask"][0, 0, 0, 0])  # touch the data, as a consumer would
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    n = batches * batch_size
+    return {"loader": loader, "device": device, "res": res, "batch_size": batch_size, "batches": batches,
+            "augment": augment, "rotate_interp": rotate_interp, "seconds": round(seconds, 3), "samples_per_s": round(n / seconds, 1),
+            "images_per_s": round(4 * n / seconds, 1)}

@@ -1,0 +1,104 @@
+"""Loaders side by side, in one process: the loader users write by hand (one file per image,
+PIL, albumentations per sample, DataLoader with 2 workers) as the baseline, then depthseg's DALI
+and torch loaders on shards of the same data, each with the full training augmentation.
+
+    pip install -e '.[bench]'    # albumentations, for the hand-written baseline only
+    python scripts/bench_loaders.py --res 224 --work /tmp/bench-loaders
+
+Prints samples/s per loader and the ratio to the baseline; --json for scripts.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.bench import bench_loader
+
+
+class HandWritten(Dataset):
+    """The reference's way: four files per sample read with PIL, augmented with albumentations."""
+
+    def __init__(self, root: Path, res: int):
+        import albumentations as A
+        import cv2
+
+        self.root, self.files = root, sorted((root / "fg_bg").rglob("*.jpg"))
+        self.geometry = A.Compose(
+            [A.Resize(res, res), A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.3),
+             A.Rotate(limit=15, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.7)],
+            additional_targets={"fg_bg": "image", "depth": "mask"})
+        self.photometric = A.Compose([
+            A.OneOf([A.RGBShift(20, 20, 20), A.HueSaturationValue(20, 30, 20)], p=0.5),
+            A.GaussNoise(std_range=(3 / 255, 7 / 255), p=0.5),
+            A.CoarseDropout(num_holes_range=(1, 2), hole_height_range=(1 / 6, 1 / 3), hole_width_range=(1 / 8, 1 / 4),
+                            fill=0, p=0.5)])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        f = self.files[i]
+        rel = f.relative_to(self.root / "fg_bg")
+        load = lambda p, mode: np.asarray(Image.open(p).convert(mode))  # noqa: E731
+        out = self.geometry(image=load(self.root / "bg" / f"{rel.parent}.jpg", "RGB"), fg_bg=load(f, "RGB"),
+                            mask=load(self.root / "fg_bg_masks" / rel, "L"), depth=load(self.root / "fg_bg_depth" / rel, "L"))
+        bg, fg_bg = self.photometric(image=out["image"])["image"], self.photometric(image=out["fg_bg"])["image"]
+        t = lambda a: torch.from_numpy(np.array(a)).float().div_(255)  # noqa: E731
+        return {"bg": t(bg).permute(2, 0, 1), "fg_bg": t(fg_bg).permute(2, 0, 1),
+                "mask": t(out["mask"])[None], "depth": t(out["depth"])[None]}
+
+
+def bench_hand_written(root: Path, res: int, batch_size: int, batches: int, warmup: int, workers: int) -> dict:
+    loader = DataLoader(HandWritten(root, res), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    seconds = time.perf_counter() - t0
+    return {"loader": "hand-written", "samples_per_s": round(batches * batch_size / seconds, 1), "seconds": round(seconds, 3)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--res", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--work", default="/tmp/depthseg-bench-loaders")
+    p.add_argument("--rotate-interp", default="linear", choices=["linear", "nearest"], help="ours; the baseline: linear")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    work = Path(a.work)
+    data, shards = work / "data", work / "shards"
+    cli = str(Path(sys.executable).with_name("depthcli"))
+    if not (shards / "manifest.json").exists():  # 20 x 10 x 2 x 20 = 8,000 samples, as files and as shards
+        subprocess.run([cli, "make-dataset", "--out", str(data), "--num-bg", "20", "--num-fg", "10", "--overwrite"], check=True)
+        subprocess.run([cli, "shard", "--src", str(data), "--out", str(shards), "--overwrite"], check=True)
+    kw = {"res": a.res, "batch_size": a.batch_size, "batches": a.batches, "warmup": a.warmup, "workers": a.workers}
+    results = [bench_hand_written(data, **kw)]
+    for name in ("dali", "torch"):
+        results.append(bench_loader(str(shards), name, rotate_interp=a.rotate_interp, **kw))
+    base = results[0]["samples_per_s"]
+    if a.json:
+        print(json.dumps({"res": a.res, "cores": os.cpu_count(), "results": results}))
+        return
+    print(f"res {a.res}, batch {a.batch_size}, {a.workers} workers/threads, {os.cpu_count()} cores, full augmentation, "
+          f"our rotation {a.rotate_interp}")
+    for r in results:
+        print(f"{r['loader']:13s} {r['samples_per_s']:8,.1f} samples/s  {r['samples_per_s'] / base:5.2f}x hand-written")
+
+
+if __name__ == "__main__":
+    main()
