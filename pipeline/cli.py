@@ -22,6 +22,15 @@ USER_ERRORS = (DatasetError, LoaderError, ManifestError, ShardError, SourceError
 CPUS = os.cpu_count() or 1
 
 
+def _train_errors() -> tuple:
+    """The trainer's error types, when its modules are loaded (they import torch)."""
+    found = []
+    for module, name in (("train.checkpoint", "CheckpointError"), ("train.predict", "PredictError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
 def user_errors(fn):
     """Our errors and OS errors (disk full, permission denied) become one line and exit code 1."""
 
@@ -29,10 +38,14 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
+        except USER_ERRORS + (ValueError,) as e:  # ValueError: bad option values found deep down
             raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from None
+        except Exception as e:
+            if isinstance(e, _train_errors()):
+                raise click.ClickException(str(e)) from None
+            raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -142,6 +155,66 @@ def bench_cmd(loader, as_json, **kw):
                    f"{r['images_per_s']:,.0f} images/s")
     if len(results) == 2 and not as_json:
         click.echo(f"dali / torch = {results[0]['samples_per_s'] / results[1]['samples_per_s']:.2f}")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise click.ClickException("--device cuda was asked for, but no GPU is available.")
+    return name
+
+
+@main.command("evaluate")
+@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="A checkpoint from train/main.py.")
+@click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder.")
+@click.option("--split", default="val", show_default=True, help="Split to evaluate.")
+@click.option("--res", default=0, help="Resolution. (default: the checkpoint's)")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@user_errors
+def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_json):
+    """Print the metric table (rows Mask, Depth, Avg) of a checkpoint over a split."""
+    import json
+
+    from pipeline.loaders import build_loader
+    from train.checkpoint import load, load_model
+    from train.evaluate import evaluate
+    from train.metrics import format_table
+
+    device = _device(device)
+    ckpt = load(ckpt_path)
+    res = res or ckpt["res"]
+    data = build_loader(shards, split=split, res=res, batch_size=batch_size, loader=loader, device=device, train=False)
+    metrics, _ = evaluate(load_model(ckpt, device), data, device)
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    click.echo(format_table(metrics))
+    click.echo(f"{split}: {int(metrics['samples']):,} samples at {res}px, loss {metrics['loss']:.4f}, "
+               f"mask IoU {metrics['mask/iou']:.4f}, depth rms {metrics['depth/rms']:.4f} "
+               f"({ckpt['model']} model, step {ckpt['step']})")
+
+
+@main.command("predict")
+@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="A checkpoint from train/main.py.")
+@click.option("--bg", required=True, type=click.Path(), help="Background image, or a folder of them.")
+@click.option("--fg-bg", required=True, type=click.Path(), help="The scene with the object, or a folder of them (paired by name).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--res", default=0, help="Resolution the model runs at. (default: the checkpoint's)")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@user_errors
+def predict_cmd(ckpt_path, bg, fg_bg, out, res, device):
+    """Predict mask and depth for images of any size: writes <name>_mask.png and <name>_depth.png
+    at the input's size, and <name>_side.png (bg | fg_bg | mask | depth)."""
+    from train.predict import predict
+
+    written = predict(ckpt_path, bg, fg_bg, out, device=_device(device), res=res)
+    click.echo(f"predicted {len(written)} pair(s) into {out}, e.g. {written[0]}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from pipeline.augment import Augment
 from pipeline.manifest import LoaderError, ManifestError, read_manifest, split_shards  # noqa: F401 (re-exported)
 
-LOADERS = ("dali", "torch")
+LOADERS = ("dali", "torch")  # and "synthetic": random tensors, to time the model alone
 
 
 
@@ -108,6 +108,8 @@ def build_loader(shards: str | os.PathLike, split: str = "train", res: int = 224
     augment = (augment or Augment()) if train else Augment.off()
     if res % 4 or res < 16:
         raise ValueError(f"--res must be a multiple of 4 and at least 16, got {res}")
+    if loader == "synthetic":
+        return SyntheticLoader(res, batch_size, device)
     p = plan(shards, split, batch_size, rank, world_size, train)
     workers = workers or max(1, (os.cpu_count() or 1) // world_size)
     if loader == "dali":
@@ -118,7 +120,26 @@ def build_loader(shards: str | os.PathLike, split: str = "train", res: int = 224
         from pipeline.torch_loader import TorchLoader
 
         return TorchLoader(p, res, augment, device, seed, workers)
-    raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+    raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)} or synthetic")
+
+
+class SyntheticLoader:
+    """The batch contract filled with random tensors made once on the device, `batches` a
+    pass: what the trainer does when loading costs nothing, to time the model alone."""
+
+    def __init__(self, res: int, batch_size: int, device: str, batches: int = 50):
+        g = torch.Generator().manual_seed(0)
+        shapes = {"bg": 3, "fg_bg": 3, "mask": 1, "depth": 1}
+        self.batch = {k: torch.rand(batch_size, c, res, res, generator=g).to(device) for k, c in shapes.items()}
+        self.batch["valid"] = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            yield self.batch
 
 
 def available_loaders() -> list[str]:

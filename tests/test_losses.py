@@ -1,6 +1,8 @@
 """train/losses.py: each term against hand- or numpy-computed values, the weights, the total."""
 
 import numpy as np
+import math
+
 import pytest
 import torch
 from pytorch_msssim import ssim
@@ -85,10 +87,25 @@ def test_total_is_mask_plus_depth():
     mp, dp, m, d = (torch.rand(2, 1, 64, 64, generator=g) for _ in range(4))
     w = LossWeights()
     total, parts = total_loss(mp, dp, m, d, w)
-    assert parts["mask"].item() == pytest.approx(head_loss(mp, m, w).item(), abs=1e-6)
+    assert parts["mask"].item() == pytest.approx(head_loss(mp, m, w, bce=True).item(), abs=1e-6)
     assert parts["depth"].item() == pytest.approx(head_loss(dp, d, w).item(), abs=1e-6)
     assert total.item() == pytest.approx((parts["mask"] + parts["depth"]).item(), abs=1e-6)
     assert parts["mask"].item() != pytest.approx(parts["depth"].item())
+
+
+def test_bce_term_is_kl_on_the_mask_head_only():
+    """w_bce·(BCE − H(target)): by hand on 1×1×1×2 maps, zero for a perfect soft mask."""
+    only_bce = LossWeights(0.0, 0.0, 0.0, 1.0)
+    pred, target = torch.tensor([[[[0.8, 0.2]]]]), torch.tensor([[[[1.0, 0.0]]]])
+    assert head_loss(pred, target, only_bce, bce=True).item() == pytest.approx(-math.log(0.8), abs=1e-6)
+    assert head_loss(pred, target, only_bce).item() == 0.0  # depth: no BCE
+    soft = torch.tensor([[[[0.3, 0.7]]]])
+    assert head_loss(soft, soft, only_bce, bce=True).item() == pytest.approx(0.0, abs=1e-6)
+    half = torch.full((1, 1, 1, 2), 0.5)
+    expected = 0.5 * (-0.3 * math.log(0.5 / 0.3) - 0.7 * math.log(0.5 / 0.7)) * 2  # KL(0.3 ‖ 0.5) both pixels
+    assert head_loss(half, soft, only_bce, bce=True).item() == pytest.approx(expected, abs=1e-6)
+    _, parts = total_loss(pred, pred, target, target, only_bce)
+    assert parts["mask"].item() > 0 and parts["depth"].item() == 0.0
 
 
 def test_gradient_reaches_predictions():

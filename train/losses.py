@@ -1,4 +1,5 @@
-"""Training loss: per head w_ssim·(1 − SSIM) + w_l1·L1 + w_edge·edge; total = mask + depth.
+"""Training loss: per head w_ssim·(1 − SSIM) + w_l1·L1 + w_edge·edge, plus w_bce·BCE on the
+mask head; total = mask + depth.
 
     from train.losses import LossWeights, total_loss
     loss, parts = total_loss(mask_pred, depth_pred, batch["mask"], batch["depth"], LossWeights())
@@ -31,6 +32,13 @@ class LossWeights:
     w_ssim: float = 0.84
     w_l1: float = 0.16
     w_edge: float = 1.0
+    # Mask head only. With a sigmoid output, L1's gradient has the same size however close a
+    # background pixel already is to 0, so on masks that are 95 % background the whole head is
+    # pushed to saturation (logits near -40) and never recovers: the demo's mask IoU stayed 0.
+    # BCE's gradient in logit space is p - y, which fades as background is right and stays large
+    # where the object is missed. Taken minus the target's entropy (so, the KL divergence): the
+    # same gradient, and a perfect prediction of a soft (JPEG) mask still scores 0.
+    w_bce: float = 1.0
 
 
 def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +56,16 @@ def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (px - tx).abs().mean() + (py - ty).abs().mean()
 
 
-def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights) -> torch.Tensor:
+def kl_bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean KL(target ‖ pred) per pixel = BCE − H(target). Logs are clamped at −100 as
+    F.binary_cross_entropy does, but a NaN prediction gives a NaN loss (which the trainer
+    reports) instead of an exception."""
+    log_p, log_q = pred.log().clamp(min=-100), (1 - pred).log().clamp(min=-100)
+    return (torch.xlogy(target, target) - target * log_p
+            + torch.xlogy(1 - target, 1 - target) - (1 - target) * log_q).mean()
+
+
+def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights, bce: bool = False) -> torch.Tensor:
     """Loss of one head; pred and target are B×1×H×W in [0, 1], H and W at least 11 (the SSIM
     window). Computed in float32 with autocast off: SSIM's small constants (1e-4, 9e-4) and the
     differences of nearly equal means are lost in bf16."""
@@ -59,11 +76,13 @@ def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights) ->
             loss = loss + weights.w_ssim * (1 - ssim(pred, target, data_range=1.0, size_average=True))
         if weights.w_edge:
             loss = loss + weights.w_edge * edge_loss(pred, target)
+        if bce and weights.w_bce:
+            loss = loss + weights.w_bce * kl_bce(pred, target)
         return loss
 
 
 def total_loss(mask_pred: torch.Tensor, depth_pred: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor,
                weights: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(mask loss + depth loss, {"mask": .., "depth": ..}); the parts are detached, for logging."""
-    parts = {"mask": head_loss(mask_pred, mask, weights), "depth": head_loss(depth_pred, depth, weights)}
+    parts = {"mask": head_loss(mask_pred, mask, weights, bce=True), "depth": head_loss(depth_pred, depth, weights)}
     return parts["mask"] + parts["depth"], {k: v.detach() for k, v in parts.items()}

@@ -1,0 +1,53 @@
+"""Checkpoints: plain dicts of tensors and numbers, saved atomically, loadable with torch.load.
+
+Each one says what made it: format, model name and arguments, resolution, the run's settings,
+the command line, step and epoch, the last validation metrics, and the torch version. A training
+checkpoint also holds the optimizer, scheduler and RNG states that --resume needs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from train.model import build_model
+
+FORMAT = "depthseg-ckpt/1"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one sentence for the user."""
+
+
+def save(path: str | os.PathLike, state: dict) -> None:
+    """Write to a temporary name, then rename: a crash leaves the old checkpoint or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "torch_version": str(torch.__version__), "command": " ".join(sys.argv), **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: str | os.PathLike) -> dict:
+    """torch.load with weights_only (no code runs); one sentence if it is not a checkpoint of ours."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors alike
+        raise CheckpointError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]}).") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint.")
+    return ckpt
+
+
+def load_model(ckpt: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The checkpoint's model with its weights, in eval mode."""
+    model = build_model(ckpt["model"], **ckpt.get("model_args", {}))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval()

@@ -1,0 +1,355 @@
+"""Train the mask + depth model with PyTorch DDP.
+
+    torchrun --nproc_per_node 2 train/main.py --res 64 --shards shards/ --out runs/r64
+    torchrun --nproc_per_node 2 train/main.py --res 128 --init runs/r64/best.pt --out runs/r128
+    python train/main.py --res 64 --epochs 1          # one process works too
+
+nccl on GPUs (bf16 autocast, channels_last), gloo on the CPU. Every rank reads its own part of
+the shards through the DALI loader (or --loader torch). Checkpoints (last.pt every --ckpt-every
+steps and at each epoch's end, best.pt by validation loss) are written atomically; --resume
+continues a killed run from last.pt; SIGTERM saves and exits cleanly on every rank; a non-finite
+loss stops the run with one sentence and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (torchrun train/main.py): import the project
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from pipeline.augment import Augment
+from pipeline.loaders import build_loader
+from pipeline.manifest import LoaderError, ManifestError
+from train import checkpoint
+from train.dist import DistContext, all_reduce_sum, cleanup, print0, setup
+from train.evaluate import evaluate, model_input
+from train.losses import LossWeights, total_loss
+from train.metrics import format_table
+from train.model import MODELS, build_model
+from train.visualize import save_grid
+
+DEFAULT_BATCH = {64: 64, 128: 64, 224: 16}  # the reference's; raise them on a big GPU
+
+
+@dataclass
+class TrainSettings:
+    """Every option of a run, saved in each checkpoint and in settings.json beside it."""
+
+    shards: str = field(default="shards", metadata={"help": "shard folder (depthcli shard)"})
+    out: str = field(default="runs/depthseg", metadata={"help": "run folder: checkpoints, logs, pictures"})
+    res: int = field(default=224, metadata={"help": "square training resolution, a multiple of 4"})
+    epochs: int = field(default=5, metadata={"help": "epochs to train"})
+    batch_size: int = field(default=0, metadata={"help": "per rank; 0 = the reference's for --res (64 at 64 and 128, 16 at 224)"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay"})
+    lr_step: int = field(default=2, metadata={"help": "StepLR: epochs between learning-rate drops"})
+    lr_gamma: float = field(default=0.5, metadata={"help": "StepLR: factor of each drop"})
+    model: str = field(default="reference", metadata={"help": f"model: {', '.join(MODELS)}"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout in the encoder's blocks"})
+    w_ssim: float = field(default=LossWeights.w_ssim, metadata={"help": "loss weight of 1 - SSIM, per head"})
+    w_l1: float = field(default=LossWeights.w_l1, metadata={"help": "loss weight of L1, per head"})
+    w_edge: float = field(default=LossWeights.w_edge, metadata={"help": "loss weight of the Sobel edge term, per head"})
+    w_bce: float = field(default=LossWeights.w_bce, metadata={"help": "loss weight of BCE (as KL) on the mask head"})
+    loader: str = field(default="dali", metadata={"help": "dali, torch, or synthetic (random tensors: the model alone)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
+    workers: int = field(default=0, metadata={"help": "loader threads (dali) or processes (torch) per rank; 0 = cores / ranks"})
+    augment: bool = field(default=True, metadata={"help": "the reference's training augmentation"})
+    rotate_interp: str = field(default="linear", metadata={"help": "rotation of bg and fg_bg: linear or nearest"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on GPU"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    init: str = field(default="", metadata={"help": "start from this checkpoint's weights (e.g. a lower resolution's best.pt)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last.pt"})
+    seed: int = field(default=0, metadata={"help": "seed of weights, data order and augmentation"})
+    log_every: int = field(default=10, metadata={"help": "steps between logged figures (and the ranks' agreement on stopping)"})
+    ckpt_every: int = field(default=500, metadata={"help": "steps between checkpoints, besides each epoch's end"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps in all; 0 = no limit"})
+    vis_samples: int = field(default=4, metadata={"help": "validation samples in each epoch's picture"})
+
+    def batch(self) -> int:
+        return self.batch_size or DEFAULT_BATCH.get(self.res, 16 if self.res > 128 else 64)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class TrainingError(Exception):
+    """Bad settings or input; the message is one sentence for the user."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """One flag per TrainSettings field, --no-X for booleans, each help ending in its default."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainSettings):
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"{f.metadata['help']} (default: {default})")
+    return p
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+class Run:
+    """The state of a run that a checkpoint holds, and the objects that act on it."""
+
+    def __init__(self, s: TrainSettings, ctx: DistContext):
+        self.s, self.ctx = s, ctx
+        self.gpu = ctx.device.type == "cuda"
+        self.autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self.gpu and s.bf16 else nullcontext)
+        self.channels_last = self.gpu and s.channels_last
+        self.weights = LossWeights(s.w_ssim, s.w_l1, s.w_edge, s.w_bce)
+        self.raw = build_model(s.model, dropout=s.dropout).to(ctx.device)
+        if self.channels_last:
+            self.raw = self.raw.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.raw.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=s.lr_step, gamma=s.lr_gamma)
+        self.step, self.epoch, self.epoch_step = 0, 0, 0
+        self.best_loss, self.metrics, self.last_saved = math.inf, {}, 0
+        self.out = Path(s.out)
+
+    def wrap(self) -> torch.nn.Module:
+        """Compile before the DDP wrap; the unwrapped model (self.raw) is what gets saved."""
+        model = torch.compile(self.raw) if self.s.compile else self.raw
+        if self.ctx.world_size > 1:
+            model = DDP(model, device_ids=[self.ctx.local_rank] if self.gpu else None)
+        return model
+
+    def state(self) -> dict:
+        return {"model": self.s.model, "model_args": {"dropout": self.s.dropout}, "res": self.s.res,
+                "state_dict": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "epoch_step": self.epoch_step, "best_loss": self.best_loss, "metrics": self.metrics,
+                "settings": asdict(self.s), "world_size": self.ctx.world_size}
+
+    def save(self, name: str = "last.pt") -> None:
+        """Collective: every rank's RNG state goes in, rank 0 writes."""
+        rng = [None] * self.ctx.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(rng, torch.get_rng_state())
+        else:
+            rng = [torch.get_rng_state()]
+        if self.ctx.main:
+            checkpoint.save(self.out / name, {**self.state(), "rng": rng})
+        self.last_saved = self.step
+
+    def restore(self, ckpt: dict) -> None:
+        self.raw.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step, self.epoch, self.epoch_step = ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]
+        self.best_loss, self.metrics, self.last_saved = ckpt["best_loss"], ckpt["metrics"], ckpt["step"]
+        if len(ckpt.get("rng", [])) == self.ctx.world_size:
+            torch.set_rng_state(ckpt["rng"][self.ctx.rank])
+
+    def log(self, record: dict, writer) -> None:
+        """Rank 0: one JSON line per record, and every figure to TensorBoard."""
+        if not self.ctx.main:
+            return
+        record = {"time": round(time.time(), 3), "step": self.step, "epoch": self.epoch, **record}
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k not in ("time", "step", "epoch"):
+                writer.add_scalar(f"{record['kind']}/{k}", v, self.step)
+
+
+class StopRequest:
+    """While active, SIGTERM sets a flag; the ranks agree on it at the next sync and stop together."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *_):
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, *_):
+        self.requested = True
+
+
+def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
+    """Returns "done", "stopped" (SIGTERM) or "max_steps". Every --log-every steps the ranks sum
+    their losses, non-finite counts and stop flags in one all_reduce, so they decide together."""
+    s, ctx = run.s, run.ctx
+    model.train()
+    skip = run.epoch_step  # resumed mid-epoch: these batches were trained on already
+    bar = tqdm(total=len(loader) - skip, desc=f"epoch {run.epoch + 1}/{s.epochs}", unit="step", disable=not ctx.main,
+               dynamic_ncols=True)
+    sums = torch.zeros(4, device=ctx.device)  # loss, mask loss, depth loss, non-finite count
+    t0, n = time.perf_counter(), 0
+    for i, batch in enumerate(loader):
+        if i < skip:
+            continue
+        with run.autocast():
+            mask_pred, depth_pred = model(model_input(batch, run.channels_last))
+        loss, parts = total_loss(mask_pred, depth_pred, batch["mask"], batch["depth"], run.weights)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.step, run.epoch_step, n = run.step + 1, run.epoch_step + 1, n + 1
+        sums += torch.stack([loss.detach(), parts["mask"], parts["depth"], (~torch.isfinite(loss.detach())).float()])
+        bar.update()
+        end = i == len(loader) - 1
+        at_max = bool(s.max_steps) and run.step >= s.max_steps and not end  # at the end: after validation
+        if run.step % s.log_every and not end and not at_max:
+            continue
+        agreed = all_reduce_sum(torch.cat([sums, torch.tensor([float(stop.requested)], device=ctx.device)]))
+        if agreed[3] > 0:  # a CPU-GPU sync point, once per --log-every steps
+            raise NonFiniteLoss
+        rate = n * s.batch() * ctx.world_size / (time.perf_counter() - t0)
+        record = {"kind": "train", "loss": (agreed[0] / (n * ctx.world_size)).item(),
+                  "loss_mask": (agreed[1] / (n * ctx.world_size)).item(), "loss_depth": (agreed[2] / (n * ctx.world_size)).item(),
+                  "lr": run.optimizer.param_groups[0]["lr"], "samples_per_s": rate}
+        run.log(record, writer)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{rate:,.0f}")
+        sums.zero_()
+        t0, n = time.perf_counter(), 0
+        if agreed[4] > 0:
+            run.save()
+            bar.close()
+            return "stopped"
+        if at_max:
+            run.save()
+            bar.close()
+            return "max_steps"
+        if s.ckpt_every and run.step - run.last_saved >= s.ckpt_every:
+            run.save()
+    bar.close()
+    return "done"
+
+
+def validate(run: Run, model, loader, writer) -> None:
+    metrics, kept = evaluate(run.raw, loader, run.ctx.device, run.weights, run.autocast, run.channels_last,
+                             keep=run.s.vis_samples)
+    run.metrics = metrics
+    run.log({"kind": "val", **{k.replace("/", "_"): v for k, v in metrics.items()}}, writer)
+    print0(run.ctx, f"validation after epoch {run.epoch + 1}: loss {metrics['loss']:.4f}\n{format_table(metrics)}")
+    if run.ctx.main and kept:
+        save_grid(run.out / "vis" / f"epoch_{run.epoch + 1:03d}.png", kept, title=f"res {run.s.res}, step {run.step}")
+
+
+def prepare(run: Run) -> None:
+    """--resume or --init; refuse to mix another run's logs into --out silently."""
+    s = run.s
+    last = run.out / "last.pt"
+    if s.resume:
+        if not last.is_file():
+            raise TrainingError(f"--resume: there is no {last} to continue from.")
+        run.restore(checkpoint.load(last))
+        print0(run.ctx, f"resuming {last} at step {run.step} (epoch {run.epoch + 1}, step {run.epoch_step} of it)")
+    elif last.is_file():
+        raise TrainingError(f"{run.out} already holds a run; pass --resume to continue it or choose another --out.")
+    elif s.init:
+        ckpt = checkpoint.load(s.init)
+        if ckpt["model"] != s.model:
+            raise TrainingError(f"--init {s.init} holds a {ckpt['model']!r} model, not {s.model!r}.")
+        run.raw.load_state_dict(ckpt["state_dict"])
+        print0(run.ctx, f"initialised from {s.init} (res {ckpt['res']}, step {ckpt['step']})")
+
+
+def loaders(run: Run):
+    s, ctx = run.s, run.ctx
+    workers = s.workers or max(1, (os.cpu_count() or 1) // ctx.world_size)
+    aug = Augment(rotate_interp=s.rotate_interp) if s.augment else Augment.off()
+    common = {"res": s.res, "batch_size": s.batch(), "loader": s.loader, "device": str(ctx.device),
+              "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers}
+    # Seeded by the step too, so a resumed run does not replay the data order of its start.
+    train = build_loader(s.shards, split="train", augment=aug, seed=s.seed + run.step, **common)
+    val = build_loader(s.shards, split="val", seed=s.seed, **common)
+    return train, val
+
+
+def train(s: TrainSettings, ctx: DistContext) -> int:
+    torch.manual_seed(s.seed * 1000 + ctx.rank)
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))  # ranks share the cores
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    run = Run(s, ctx)
+    prepare(run)
+    if ctx.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "settings.json").write_text(json.dumps(asdict(s), indent=1) + "\n")
+    train_loader, val_loader = loaders(run)
+    model = run.wrap()
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run.out / "tb")) if ctx.main else None
+    print0(ctx, f"training {s.model} at {s.res}px: {ctx.world_size} rank(s) on {ctx.device.type}, batch {s.batch()} "
+                f"per rank, {len(train_loader)} steps per epoch, loader {s.loader}")
+    with StopRequest() as stop:
+        return _epochs(run, model, train_loader, val_loader, writer, stop)
+
+
+def _epochs(run: Run, model, train_loader, val_loader, writer, stop: StopRequest) -> int:
+    s, ctx = run.s, run.ctx
+    try:
+        while run.epoch < s.epochs:
+            outcome = train_one_epoch(run, model, train_loader, writer, stop)
+            if outcome != "done":
+                print0(ctx, f"{'SIGTERM' if outcome == 'stopped' else '--max-steps'}: saved {run.out / 'last.pt'} at step {run.step}")
+                return 0
+            validate(run, model, val_loader, writer)
+            run.scheduler.step()
+            run.epoch, run.epoch_step = run.epoch + 1, 0
+            improved = run.metrics["loss"] < run.best_loss
+            run.best_loss = min(run.best_loss, run.metrics["loss"])
+            run.save()
+            if improved:
+                run.save("best.pt")
+            if s.max_steps and run.step >= s.max_steps:
+                print0(ctx, f"--max-steps: saved {run.out / 'last.pt'} at step {run.step}")
+                return 0
+    except NonFiniteLoss:
+        kept = f"the last good checkpoint is {run.out / 'last.pt'} (step {run.last_saved})" if run.last_saved else "no checkpoint was written yet"
+        print0(ctx, f"error: the loss became non-finite before step {run.step}; stopped, {kept}.", file=sys.stderr)
+        return 1
+    finally:
+        if writer:
+            writer.close()
+    print0(ctx, f"done: {run.step} steps, best validation loss {run.best_loss:.4f}, checkpoints in {run.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = TrainSettings(**vars(get_args_parser().parse_args(argv)))
+    try:
+        ctx = setup(s.device)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        return train(s, ctx)
+    except (TrainingError, ManifestError, checkpoint.CheckpointError, ValueError) as e:
+        print0(ctx, f"error: {e}", file=sys.stderr)  # the same on every rank: say it once
+        return 1
+    except LoaderError as e:  # data errors can be one rank's own
+        print(f"error{f' (rank {ctx.rank})' if ctx.world_size > 1 else ''}: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
