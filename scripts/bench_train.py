@@ -22,11 +22,15 @@ def run(loader: str, a, out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks), str(ROOT / "train" / "main.py"),
            "--shards", a.shards, "--out", str(out), "--loader", loader, "--res", str(a.res), "--batch-size", str(a.batch_size),
-           "--max-steps", str(a.steps), "--log-every", str(a.log_every), "--epochs", "1000", "--device", a.device]
+           "--max-steps", str(a.steps), "--log-every", str(a.log_every), "--epochs", "1000", "--device", a.device,
+           *a.train_args.split()]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // a.ranks))})
-    rates = [r["samples_per_s"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
-    return sum(rates[1:]) / len(rates[1:])
+    logged = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    if "gpu_peak_gb" in logged[-1]:
+        print(f"{loader}: peak GPU memory {logged[-1]['gpu_peak_gb']:.1f} GB")
+    rates = [r["samples_per_s"] for r in logged[1:]]
+    return sum(rates) / len(rates)
 
 
 def main():
@@ -40,6 +44,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--loaders", default="synthetic,dali,torch")
     p.add_argument("--work", default="/tmp/depthseg-bench-train")
+    p.add_argument("--train-args", default="", help="more train/main.py flags, e.g. '--compile'")
     a = p.parse_args()
     results = {name: run(name, a, Path(a.work) / name) for name in a.loaders.split(",")}
     base = results.get("synthetic")

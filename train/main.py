@@ -220,6 +220,8 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
         record = {"kind": "train", "loss": (agreed[0] / (n * ctx.world_size)).item(),
                   "loss_mask": (agreed[1] / (n * ctx.world_size)).item(), "loss_depth": (agreed[2] / (n * ctx.world_size)).item(),
                   "lr": run.optimizer.param_groups[0]["lr"], "samples_per_s": rate}
+        if run.gpu:
+            record["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         run.log(record, writer)
         bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{rate:,.0f}")
         sums.zero_()
