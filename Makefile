@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The whole product on a small built-in dataset, on the CPU in about 5 minutes: make 1,152
+# The whole product on a small built-in dataset, on the CPU in about 3 minutes: make 1,152
 # samples, shard and verify them, train 2 ranks under torchrun at 64 px, evaluate, predict.
 demo: setup
 	$(BIN)/depthcli make-dataset --out data/demo --num-bg 12 --num-fg 12 --placements 4 --overwrite

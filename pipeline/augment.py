@@ -24,7 +24,7 @@ class Augment:
     saturation: float = 0.3  # factor ~ U(1 - saturation, 1 + saturation)
     value: float = 0.2  # factor ~ U(1 - value, 1 + value)
     noise_p: float = 0.5
-    noise_min: float = 3 / 255  # sigma ~ U(noise_min, noise_max), in steps of 0.5/255 (DALI's noise bank)
+    noise_min: float = 3 / 255  # sigma ~ U(noise_min, noise_max) (DALI: in steps of 1/255)
     noise_max: float = 7 / 255
     dropout_p: float = 0.5
     dropout_max_holes: int = 2  # 1 to this many holes

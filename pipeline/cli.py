@@ -124,6 +124,16 @@ def verify_cmd(folder, decode, workers):
                + (", every image decoded" if r["decoded"] else ""))
 
 
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise click.ClickException("--device cuda was asked for, but no GPU is available.")
+    return name
+
+
 @main.command("bench")
 @click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder.")
 @click.option("--loader", type=click.Choice(["dali", "torch", "all"]), default="all", show_default=True,
@@ -146,6 +156,7 @@ def bench_cmd(loader, as_json, **kw):
     from pipeline.bench import bench_loader
     from pipeline.loaders import available_loaders
 
+    kw["device"] = _device(kw["device"])
     names = available_loaders() if loader == "all" else [loader]
     results = [bench_loader(loader=name, **kw) for name in names]
     for r in results:
@@ -155,16 +166,6 @@ def bench_cmd(loader, as_json, **kw):
                    f"{r['images_per_s']:,.0f} images/s")
     if len(results) == 2 and not as_json:
         click.echo(f"dali / torch = {results[0]['samples_per_s'] / results[1]['samples_per_s']:.2f}")
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise click.ClickException("--device cuda was asked for, but no GPU is available.")
-    return name
 
 
 @main.command("evaluate")
@@ -190,7 +191,7 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
     ckpt = load(ckpt_path)
     res = res or ckpt["res"]
     data = build_loader(shards, split=split, res=res, batch_size=batch_size, loader=loader, device=device, train=False)
-    metrics, _ = evaluate(load_model(ckpt, device), data, device)
+    metrics, _ = evaluate(load_model(ckpt, device), data, device, progress=True)
     if as_json:
         click.echo(json.dumps(metrics))
         return

@@ -72,29 +72,48 @@ def _draws(aug: Augment) -> dict:
             "hue": fn.random.uniform(range=[-aug.hue_deg, aug.hue_deg]),
             "sat": fn.random.uniform(range=[1 - aug.saturation, 1 + aug.saturation]),
             "val": fn.random.uniform(range=[1 - aug.value, 1 + aug.value]),
+            "noise_level": fn.random.uniform(values=[float(k) for k in range(noise_levels(aug))]),
             "noise_at": fn.random.uniform(range=[0, 1], shape=[2]),
             "hole_shape": fn.reshape(size * used, shape=[2 * n]),
             "hole_anchor": fn.reshape(fn.random.uniform(range=[0, 1], shape=[n, 2]) * (1 - size), shape=[2 * n])}
 
 
-NOISE_STEP = 0.5  # sigma levels of the bank, in pixel values
+NOISE_STEP = 1.0  # sigma levels of the CPU's noise bank, in pixel values
+NOISE_MARGIN = 64  # a bank block is res + this on a side: MARGIN² window positions per level
+
+
+def noise_levels(aug: Augment) -> int:
+    return int(round((aug.noise_max - aug.noise_min) * 255 / NOISE_STEP)) + 1
 
 
 @lru_cache(maxsize=4)
 def noise_bank(res: int, aug: Augment) -> np.ndarray:
-    """Gaussian noise as int8 pixel offsets: one block per sigma level from noise_min to
-    noise_max (steps of 0.5/255), stacked along the height, each 2·res (at least 512) square.
-    A noisy image adds a random res×res window of a random level: per-pixel i.i.d. within the
-    image, rounded to whole pixel values as any uint8 image's noise is, and on the CPU 10×
-    cheaper than fn.noise.gaussian drawing res²×3 normals per image (BENCHMARKS.md)."""
-    side = max(512, 2 * res)
-    sigmas = np.arange(aug.noise_min * 255, aug.noise_max * 255 + 1e-6, NOISE_STEP) if aug.noise_max > 0 else [0.0]
+    """The CPU's Gaussian noise: int8 pixel offsets, one (res + 64)² block per sigma level from
+    noise_min to noise_max in steps of 1/255, stacked along the height. A noisy image adds a
+    random res×res window of a random level: per-pixel i.i.d. within the image and rounded to
+    whole pixel values, as any uint8 image's noise is; 10× cheaper than fn.noise.gaussian's
+    res²×3 normal draws per image on the CPU (BENCHMARKS.md). Kept small because DALI passes a
+    constant to its graph as a list (about 1 s to build per million values)."""
+    side = res + NOISE_MARGIN
+    sigmas = aug.noise_min * 255 + NOISE_STEP * np.arange(noise_levels(aug))
     z = np.random.default_rng(0).standard_normal((len(sigmas), side, side, 3))
-    noise = np.clip(np.round(z * np.asarray(sigmas)[:, None, None, None]), -127, 127).astype(np.int8)
+    noise = np.clip(np.round(z * sigmas[:, None, None, None]), -127, 127).astype(np.int8)
     return noise.reshape(len(sigmas) * side, side, 3)
 
 
-def _photometric(img, d: dict, aug: Augment, bank, bank_shape: tuple, res: int):
+def _noise(img, d: dict, aug: Augment, bank, res: int):
+    """Gaussian noise: exact draws on the GPU (bank is None), where they are cheap; a window of
+    the bank (a graph constant, noise_bank's array) on the CPU."""
+    if bank is None:
+        return fn.noise.gaussian(img, stddev=aug.noise_min * 255 + d["noise_level"] * NOISE_STEP)
+    levels, side = noise_levels(aug), res + NOISE_MARGIN
+    # A random level (block) and a random window in it; crop_pos_y is relative to the whole bank.
+    y = (d["noise_level"] * side + d["noise_at"][1] * (side - res)) / (levels * side - res)
+    window = fn.crop(bank, crop=(res, res), crop_pos_x=d["noise_at"][0], crop_pos_y=y)
+    return fn.cast(dmath.clamp(img + window, 0, 255), dtype=types.UINT8)
+
+
+def _photometric(img, d: dict, aug: Augment, bank, res: int):
     """Colour shift (RGB shift or HSV), Gaussian noise, coarse dropout: uint8 HWC in and out."""
     if aug.color_p > 0 and d["color"]:
         if d["rgb"]:  # x + shift per channel, saturated to uint8, in one pass
@@ -102,12 +121,7 @@ def _photometric(img, d: dict, aug: Augment, bank, bank_shape: tuple, res: int):
         else:
             img = fn.hsv(img, hue=d["hue"], saturation=d["sat"], value=d["val"])
     if aug.noise_p > 0 and d["noise"]:
-        # A random level (block) and a random window in it; crop_pos_y is relative to the bank.
-        levels, side = bank_shape[0] // bank_shape[1], bank_shape[1]
-        level = fn.random.uniform(values=[float(k) for k in range(levels)])
-        y = (level * side + d["noise_at"][1] * (side - res)) / (levels * side - res)
-        noise = fn.crop(bank, crop=(res, res), crop_pos_x=d["noise_at"][0], crop_pos_y=y)
-        img = fn.cast(dmath.clamp(img + noise, 0, 255), dtype=types.UINT8)
+        img = _noise(img, d, aug, bank, res)
     if aug.dropout_p > 0 and d["dropout"]:
         img = fn.erase(img, anchor=d["hole_anchor"], shape=d["hole_shape"], axis_names="HW", normalized=True, fill_value=0)
     return img
@@ -128,12 +142,12 @@ def depthseg_pipeline(plan: Plan, res: int, aug: Augment, gpu: bool):
     if plan.train:
         images = _geometry(images, aug)
         if aug.color_p > 0 or aug.noise_p > 0 or aug.dropout_p > 0:
-            noise = noise_bank(res, aug)
-            bank = types.Constant(noise, layout="HWC", device="gpu" if gpu else "cpu")
+            bank = None if gpu or aug.noise_p == 0 else types.Constant(noise_bank(res, aug), layout="HWC")
             first = _draws(aug)
-            second = first if aug.shared else _draws(aug)
-            images[0] = _photometric(images[0], first, aug, bank, noise.shape, res)
-            images[1] = _photometric(images[1], second, aug, bank, noise.shape, res)
+            # Shared: the same decisions and levels, but each image its own noise pixels.
+            second = {**first, "noise_at": fn.random.uniform(range=[0, 1], shape=[2])} if aug.shared else _draws(aug)
+            images[0] = _photometric(images[0], first, aug, bank, res)
+            images[1] = _photometric(images[1], second, aug, bank, res)
     return tuple(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
                  for x in images)
 
@@ -147,8 +161,10 @@ def dali_errors(plan: Plan):
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0] if lines else "?"
         shards = str(Path(plan.tars[0]).parent)
-        raise LoaderError(f"DALI could not decode a sample of {shards} ({cause[:200]}); "
-                          f"run `depthcli verify --decode {shards}` to find it.") from None
+        if any(op in str(e) for op in ("decoders.image", "readers.webdataset")):
+            raise LoaderError(f"DALI could not read or decode a sample of {shards} ({cause[:200]}); "
+                              f"run `depthcli verify --decode {shards}` to find it.") from None
+        raise LoaderError(f"the DALI pipeline failed: {cause[:300]}") from None  # e.g. out of GPU memory
 
 
 class DaliLoader:

@@ -308,6 +308,10 @@ class ZipOutput:
         self.zip.close()
         os.replace(self.tmp, self.path)
 
+    def abort(self):
+        self.zip.close()
+        self.tmp.unlink(missing_ok=True)
+
 
 class FolderOutput:
     def __init__(self, path: Path):
@@ -320,7 +324,35 @@ class FolderOutput:
         target.write_bytes(data)
 
     def commit(self):
+        """Swap the new folder in; an old one is removed only once the new one is in place."""
+        old = self.path.with_name(self.path.name + ".old")
+        if self.path.exists():
+            os.replace(self.path, old)
         os.replace(self.tmp, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _check_assets(bg_files: list[Path], fg_files: list[Path]) -> None:
+    """Open every user image here, so a bad one is one sentence before any work starts."""
+    for path, load in [(p, file_background) for p in bg_files] + [(p, file_foreground) for p in fg_files]:
+        try:
+            load(path, 32)
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise DatasetError(f"{path} is not a readable image ({e}).") from None
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise DatasetError(f"{out} already exists; pass --overwrite to replace it.")
+    if out.is_dir() and not (out / "fg_bg").is_dir():
+        raise DatasetError(f"{out} is a folder but not a dataset (no fg_bg/); not replacing it.")
+    if out.is_file() and out.suffix.lower() != ".zip":
+        raise DatasetError(f"{out} is a file but not a zip; not replacing it.")
 
 
 def _assets(s: MakeSettings) -> tuple[list[Path], list[Path], int, int]:
@@ -339,35 +371,41 @@ def _assets(s: MakeSettings) -> tuple[list[Path], list[Path], int, int]:
 def make_dataset(s: MakeSettings) -> dict:
     """Write the dataset; returns a summary. Memory stays flat: at most a few pairs are in flight."""
     bg_files, fg_files, n_bg, n_fg = _assets(s)
+    _check_assets(bg_files, fg_files)
     out = Path(s.out)
-    if out.exists():
-        if not s.overwrite:
-            raise DatasetError(f"{out} already exists; pass --overwrite to replace it.")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    _check_output(out, s.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = ZipOutput(out) if out.suffix.lower() == ".zip" else FolderOutput(out)
     total = n_bg * n_fg * 2 * s.placements
     window = threading.Semaphore(4 * max(1, s.workers))  # bounds the pairs held in memory
+    stop = threading.Event()
 
-    def tasks():
+    def tasks():  # runs in the pool's task thread: it must give up when the run ends early
         for b in range(n_bg):
             for f in range(n_fg):
-                window.acquire()
+                while not window.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 yield b, f, n_bg, n_fg
 
     labels: dict[int, list[str]] = {}
     nbytes = 0
-    ctx = get_context("fork")
-    with ctx.Pool(max(1, s.workers), _init_worker, (s, bg_files, fg_files)) as pool, \
+    with get_context("fork").Pool(max(1, s.workers), _init_worker, (s, bg_files, fg_files)) as pool, \
             tqdm(total=total, unit="sample", desc="make-dataset", smoothing=0.05) as bar:
-        for b, files, lines in pool.imap(make_pair, tasks()):
-            window.release()
-            for name, data in files:
-                writer.write(name, data)
-                nbytes += len(data)
-            labels.setdefault(b, []).extend(lines)
-            if len(labels[b]) == n_fg * 2 * s.placements:  # the background is complete
-                writer.write(f"labels/{bg_name(b, n_bg)}_label_info.txt", ("\n".join(labels.pop(b)) + "\n").encode())
-            bar.update(len(lines))
+        try:
+            for b, files, lines in pool.imap(make_pair, tasks()):
+                window.release()
+                for name, data in files:
+                    writer.write(name, data)
+                    nbytes += len(data)
+                labels.setdefault(b, []).extend(lines)
+                if len(labels[b]) == n_fg * 2 * s.placements:  # the background is complete
+                    writer.write(f"labels/{bg_name(b, n_bg)}_label_info.txt", ("\n".join(labels.pop(b)) + "\n").encode())
+                bar.update(len(lines))
+        except BaseException:
+            writer.abort()  # nothing half-written is left behind; an old output stays as it was
+            raise
+        finally:
+            stop.set()  # before the pool's exit joins the task thread
     writer.commit()
     return {"out": str(out), "samples": total, "backgrounds": n_bg, "foregrounds": n_fg, "bytes": nbytes}

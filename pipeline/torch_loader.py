@@ -192,20 +192,28 @@ class TorchLoader:
     def _decode(self, sample):
         return decode_sample(sample, self.res)
 
-    def _train_loader(self):
-        rank_seed = (self.seed * 1000 + self.plan.rank) * 1000 + self.epoch
-        ds = (wds.WebDataset(self.plan.tars, resampled=True, shardshuffle=False, nodesplitter=None, seed=rank_seed)
-              .shuffle(SHUFFLE_BUFFER).map(self._decode))
-        if not self.on_device:
-            ds = ds.map(_AugmentInWorker(self.aug, rank_seed))
-        ds = ds.batched(self.plan.batch_size, collation_fn=torch.stack, partial=False)
-        return DataLoader(ds, batch_size=None, num_workers=self.workers, persistent_workers=False,
-                          pin_memory=self.on_device, prefetch_factor=2 if self.workers else None)
-
-    def _val_loader(self):
+    def _part_tars(self) -> list[str]:
+        """The shards that hold some of this rank's part."""
         lo, hi = self.plan.part
         starts = np.cumsum([0] + list(self.plan.counts))
-        tars = [t for t, a, b in zip(self.plan.tars, starts[:-1], starts[1:]) if a < hi and b > lo]
+        return [t for t, a, b in zip(self.plan.tars, starts[:-1], starts[1:]) if a < hi and b > lo]
+
+    def _train_loader(self):
+        """This rank's part, shards and samples shuffled anew each epoch; each worker cycles its
+        shards (.repeat()) so the rank always has its len() full batches, whatever the tails."""
+        rank_seed = (self.seed * 1000 + self.plan.rank) * 1000 + self.epoch
+        tars = self._part_tars()
+        ds = (wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=None, seed=rank_seed, empty_check=False)
+              .compose(_in_part(self.plan)).shuffle(SHUFFLE_BUFFER).map(self._decode))
+        if not self.on_device:
+            ds = ds.map(_AugmentInWorker(self.aug, rank_seed))
+        ds = ds.batched(self.plan.batch_size, collation_fn=torch.stack, partial=False).repeat()
+        workers = min(self.workers, len(tars))
+        return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=self.on_device,
+                          prefetch_factor=2 if workers else None)
+
+    def _val_loader(self):
+        tars = self._part_tars()
         ds = (wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, empty_check=False)
               .compose(_in_part(self.plan)).map(self._decode))
         return DataLoader(ds, batch_size=None, num_workers=min(self.workers, len(tars)), pin_memory=self.on_device)

@@ -1,7 +1,10 @@
 import hashlib
 import io
 import re
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +138,43 @@ def test_existing_output_needs_overwrite(tmp_path):
 def test_bad_settings(tmp_path):
     with pytest.raises(DatasetError, match="at least 1"):
         make_dataset(MakeSettings(out=str(tmp_path / "x.zip"), num_bg=0))
+
+
+FAILING_WORKER = """
+import sys
+import pipeline.make_dataset as M
+real = M.make_pair
+def make_pair(task):
+    if task[:2] == (1, 0):
+        raise M.DatasetError("broken pair")
+    return real(task)
+M.make_pair = make_pair
+try:
+    M.make_dataset(M.MakeSettings(out=sys.argv[1], num_bg=10, num_fg=10, placements=1, size=64, workers=2))
+except M.DatasetError as e:
+    print("raised:", e)
+"""
+
+
+def test_a_failing_worker_stops_the_run_without_hanging(tmp_path):
+    """More pairs than the in-flight window, and the failure well past the first ones."""
+    out = tmp_path / "o.zip"
+    r = subprocess.run([sys.executable, "-c", FAILING_WORKER, str(out)], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).parent.parent)
+    assert "raised: broken pair" in r.stdout, r.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())  # no half-written zip left
+
+
+def test_unreadable_user_image_is_one_sentence_before_any_work(tmp_path):
+    (tmp_path / "fgs").mkdir()
+    (tmp_path / "fgs" / "broken.png").write_bytes(b"not a png")
+    r = CliRunner().invoke(main, ["make-dataset", "--out", str(tmp_path / "o.zip"), "--fg-dir", str(tmp_path / "fgs")])
+    assert r.exit_code == 1 and "broken.png is not a readable image" in r.output
+
+
+def test_overwrite_never_deletes_what_is_not_a_dataset(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("x")
+    r = CliRunner().invoke(main, ["make-dataset", "--out", str(tmp_path / "mine"), "--overwrite", "--num-bg", "1"])
+    assert r.exit_code == 1 and "not a dataset (no fg_bg/)" in r.output
+    assert (tmp_path / "mine" / "precious.txt").exists()

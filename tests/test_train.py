@@ -77,7 +77,8 @@ def test_torchrun_end_to_end(trained):
     assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"], ckpt["res"]) == (8, 2, 0, 32)
     assert ckpt["settings"]["batch_size"] == 4 and ckpt["model"] == "reference" and ckpt["world_size"] == 2
     assert set(ckpt["metrics"]) >= {"loss", "mask/iou", "depth/rms", "avg/t1"} and ckpt["metrics"]["samples"] == 25
-    assert len(ckpt["rng"]) == 2 and ckpt["command"].endswith(ckpt["command"].split()[-1])
+    assert len(ckpt["rng"]) == 2 and set(ckpt["rng"][1]) == {"cpu", "cuda"}
+    assert "train/main.py" in ckpt["command"] and "--res 32" in ckpt["command"]
     best = torch.load(out / "best.pt")
     assert best["best_loss"] == min(r["loss"] for r in records(out, "val"))
     train = records(out, "train")
@@ -95,11 +96,12 @@ def test_evaluate_prints_the_table(trained, exact_shards):
     r = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(out / "best.pt"), "--shards", str(exact_shards),
                                  "--batch-size", "8", "--loader", "torch"])
     assert r.exit_code == 0, r.output
-    lines = r.output.strip().splitlines()
-    assert [line.split()[0] for line in lines[1:4]] == ["Mask", "Depth", "Avg"]
+    lines = r.stdout.strip().splitlines()  # the progress bar is on stderr
+    head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["rms"])
+    assert [line.split()[0] for line in lines[head + 1:head + 4]] == ["Mask", "Depth", "Avg"]
     assert lines[-1].startswith("val: 25 samples at 32px")
     r = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(out / "best.pt"), "--shards", str(exact_shards), "--json"])
-    m = json.loads(r.output)
+    m = json.loads(r.stdout)
     assert m["samples"] == 25 and 0 <= m["mask/iou"] <= 1
 
 
@@ -181,11 +183,18 @@ def test_sigkill_then_resume_from_the_last_periodic_checkpoint(exact_shards, tmp
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     saved = torch.load(out / "last.pt")
-    assert not list(out.glob("*.tmp"))
-    code = train_main(["--shards", str(exact_shards), "--out", str(out), *FAST, "--epochs", "100", "--resume",
-                       "--max-steps", str(saved["step"] + 2)])  # one process now: resume across world sizes
+    # One process now (resume across world sizes), and the run's own settings (res 32, batch 4).
+    code = train_main(["--shards", str(exact_shards), "--out", str(out), "--resume", "--max-steps", str(saved["step"] + 2)])
     assert code == 0
-    assert torch.load(out / "last.pt")["step"] == saved["step"] + 2
+    resumed = torch.load(out / "last.pt")
+    assert (resumed["step"], resumed["res"], resumed["settings"]["batch_size"]) == (saved["step"] + 2, 32, 4)
+
+
+def test_resume_refuses_to_change_what_the_run_is(trained, exact_shards, capsys):
+    out, _ = trained
+    assert train_main(["--shards", str(exact_shards), "--out", str(out), "--resume", "--res", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "--res 64 differs from the run's 32" in err and err.count("\n") == 1
 
 
 def test_init_across_resolutions(exact_shards, tmp_path):
@@ -252,3 +261,12 @@ def test_every_setting_has_a_flag():
     parsed = vars(get_args_parser().parse_args([]))
     assert parsed == {k: v for k, v in vars(TrainSettings()).items()}
     assert "--no-bf16" in get_args_parser().format_help()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_run_bf16_channels_last(exact_shards, tmp_path):
+    out = tmp_path / "gpu"
+    assert train_main(["--shards", str(exact_shards), "--out", str(out), *FAST, "--device", "cuda", "--epochs", "1"]) == 0
+    ckpt = torch.load(out / "last.pt")
+    assert ckpt["step"] == 9 and ckpt["rng"][0]["cuda"] is not None
+    assert all(r["gpu_peak_gb"] > 0 for r in records(out, "train"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 
 from train.dist import all_reduce_sum
 from train.losses import LossWeights, total_loss
@@ -21,7 +22,8 @@ def model_input(batch: dict, channels_last: bool = False) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, weights: LossWeights = LossWeights(),
-             autocast=nullcontext, channels_last: bool = False, keep: int = 0) -> tuple[dict, dict | None]:
+             autocast=nullcontext, channels_last: bool = False, keep: int = 0,
+             progress: bool = False) -> tuple[dict, dict | None]:
     """Metrics (plus "loss", the mean per-sample validation loss) over every valid sample of
     every rank; and, if keep > 0, the first `keep` samples of this rank's first batch with
     predictions, for pictures. All ranks must call it: it ends with one all_reduce."""
@@ -29,7 +31,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, weights: Loss
     model.eval()
     sums, loss = MetricSums(device), torch.zeros(2, dtype=torch.float64, device=device)
     kept = None
-    for batch in loader:
+    for batch in tqdm(loader, desc="validate", unit="batch", disable=not progress, leave=False):
         with autocast():
             mask_pred, depth_pred = model(model_input(batch, channels_last))
         mask_pred, depth_pred = mask_pred.float(), depth_pred.float()

@@ -94,16 +94,38 @@ class TrainingError(Exception):
     """Bad settings or input; the message is one sentence for the user."""
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    """One flag per TrainSettings field, --no-X for booleans, each help ending in its default."""
+# What a resumed run may change; everything else must be as the run was started.
+RESUMABLE_CHANGES = {"epochs", "max_steps", "ckpt_every", "log_every", "workers", "device", "vis_samples",
+                     "compile", "shards", "loader", "resume", "out"}
+
+
+def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
+    """One flag per TrainSettings field, --no-X for booleans, each help ending in its default.
+    only_given: no defaults, so parsing returns just the flags on the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainSettings):
         flag, default = "--" + f.name.replace("_", "-"), f.default
+        shown = argparse.SUPPRESS if only_given else default
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=shown, help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=type(default), default=default, help=f"{f.metadata['help']} (default: {default})")
+            p.add_argument(flag, type=type(default), default=shown, help=f"{f.metadata['help']} (default: {default})")
     return p
+
+
+def settings_from(argv: list[str] | None) -> TrainSettings:
+    """The command line's settings; with --resume, the run's own, changed only where allowed."""
+    s = TrainSettings(**vars(get_args_parser().parse_args(argv)))
+    last = Path(s.out) / "last.pt"
+    if not s.resume or not last.is_file():
+        return s
+    saved, given = checkpoint.load(last)["settings"], vars(get_args_parser(only_given=True).parse_args(argv))
+    differ = [k for k, v in given.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if differ:
+        k = differ[0]
+        raise TrainingError(f"--resume continues {s.out} with its own settings, but --{k.replace('_', '-')} "
+                            f"{given[k]} differs from the run's {saved.get(k)}; drop it or start a new --out.")
+    return TrainSettings(**{**saved, **{k: v for k, v in given.items() if k in RESUMABLE_CHANGES}})
 
 
 # --- one run ---------------------------------------------------------------------------------
@@ -141,12 +163,12 @@ class Run:
                 "settings": asdict(self.s), "world_size": self.ctx.world_size}
 
     def save(self, name: str = "last.pt") -> None:
-        """Collective: every rank's RNG state goes in, rank 0 writes."""
-        rng = [None] * self.ctx.world_size
+        """Collective: every rank's RNG states (CPU, and the GPU's: dropout) go in, rank 0 writes."""
+        mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.ctx.device) if self.gpu else None}
+        rng = [mine]
         if dist.is_initialized():
-            dist.all_gather_object(rng, torch.get_rng_state())
-        else:
-            rng = [torch.get_rng_state()]
+            rng = [None] * self.ctx.world_size
+            dist.all_gather_object(rng, mine)
         if self.ctx.main:
             checkpoint.save(self.out / name, {**self.state(), "rng": rng})
         self.last_saved = self.step
@@ -157,8 +179,11 @@ class Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step, self.epoch, self.epoch_step = ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]
         self.best_loss, self.metrics, self.last_saved = ckpt["best_loss"], ckpt["metrics"], ckpt["step"]
-        if len(ckpt.get("rng", [])) == self.ctx.world_size:
-            torch.set_rng_state(ckpt["rng"][self.ctx.rank])
+        if len(ckpt.get("rng", [])) == self.ctx.world_size:  # else a new world: new draws
+            mine = ckpt["rng"][self.ctx.rank]
+            torch.set_rng_state(mine["cpu"])
+            if self.gpu and mine["cuda"] is not None:
+                torch.cuda.set_rng_state(mine["cuda"], self.ctx.device)
 
     def log(self, record: dict, writer) -> None:
         """Rank 0: one JSON line per record, and every figure to TensorBoard."""
@@ -192,7 +217,9 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
     their losses, non-finite counts and stop flags in one all_reduce, so they decide together."""
     s, ctx = run.s, run.ctx
     model.train()
-    skip = run.epoch_step  # resumed mid-epoch: these batches were trained on already
+    # Resumed mid-epoch: the loader cannot restore its position (it is reseeded), so the epoch's
+    # first batches are read and dropped; the epoch keeps its length and the ranks stay in step.
+    skip = run.epoch_step
     bar = tqdm(total=len(loader) - skip, desc=f"epoch {run.epoch + 1}/{s.epochs}", unit="step", disable=not ctx.main,
                dynamic_ncols=True)
     sums = torch.zeros(4, device=ctx.device)  # loss, mask loss, depth loss, non-finite count
@@ -241,8 +268,13 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
 
 
 def validate(run: Run, model, loader, writer) -> None:
+    """Every rank evaluates rank 0's model (the one saved): DDP syncs BatchNorm's running stats
+    only at the start of a forward, so after the last step each rank's differ a little."""
+    if dist.is_initialized():
+        for buffer in run.raw.buffers():
+            dist.broadcast(buffer, 0)
     metrics, kept = evaluate(run.raw, loader, run.ctx.device, run.weights, run.autocast, run.channels_last,
-                             keep=run.s.vis_samples)
+                             keep=run.s.vis_samples, progress=run.ctx.main)
     run.metrics = metrics
     run.log({"kind": "val", **{k.replace("/", "_"): v for k, v in metrics.items()}}, writer)
     print0(run.ctx, f"validation after epoch {run.epoch + 1}: loss {metrics['loss']:.4f}\n{format_table(metrics)}")
@@ -335,11 +367,12 @@ def _epochs(run: Run, model, train_loader, val_loader, writer, stop: StopRequest
 
 
 def main(argv: list[str] | None = None) -> int:
-    s = TrainSettings(**vars(get_args_parser().parse_args(argv)))
     try:
+        s = settings_from(argv)
         ctx = setup(s.device)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (TrainingError, checkpoint.CheckpointError, RuntimeError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     try:
         return train(s, ctx)

@@ -95,7 +95,9 @@ class Decoder(nn.Module):
         x = self.up2(self.up1(self.reduce(bottleneck), skip1), skip2)
         # Sigmoid, not logits: both targets are images in [0, 1], and the SSIM term of the loss
         # (data_range=1) and the metrics need predictions on the same scale.
-        return torch.sigmoid(self.out(x))
+        # In float32 even under bf16 autocast: bf16 rounds probabilities near 1 to exactly 1,
+        # where the mask's BCE term has no gradient.
+        return torch.sigmoid(self.out(x).float())
 
 
 class ReferenceNet(nn.Module):

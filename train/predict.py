@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from train import checkpoint
 
@@ -25,7 +26,14 @@ class PredictError(Exception):
 
 
 def _images(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")}
+    """Images by stem; two with one stem (a.jpg, a.png) would make pairing ambiguous."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):
+            if p.stem in found:
+                raise PredictError(f"{folder} holds both {found[p.stem].name} and {p.name}; pairs are matched by name.")
+            found[p.stem] = p
+    return found
 
 
 def pairs(bg: str | Path, fg_bg: str | Path) -> list[tuple[Path, Path]]:
@@ -93,7 +101,7 @@ def predict(checkpoint_path: str, bg: str, fg_bg: str, out: str, device: str = "
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for bg_path, fg_path in todo:
+    for bg_path, fg_path in tqdm(todo, desc="predict", unit="pair", disable=len(todo) < 2):
         bg_img, fg_img = _open(bg_path), _open(fg_path)
         try:
             mask, depth = predict_pair(model, res, bg_img, fg_img, device)
