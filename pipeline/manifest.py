@@ -23,7 +23,8 @@ class ManifestError(Exception):
 
 
 class LoaderError(Exception):
-    """A shard whose contents cannot be decoded mid-epoch; the message is one sentence."""
+    """A shard whose contents cannot be decoded mid-epoch; the message is one sentence. It lives
+    here, not in loaders.py, so that depthcli can name it without importing torch and DALI."""
 
 
 def shard_name(split: str, index: int) -> str:
