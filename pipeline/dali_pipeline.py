@@ -22,7 +22,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.augment import Augment
-from pipeline.loaders import LoaderError, Plan, valid_mask
+from pipeline.loaders import LoaderError, Plan, to_contract, valid_mask
 from pipeline.manifest import ROLES
 
 READER = "Reader"
@@ -193,8 +193,5 @@ class DaliLoader:
     def _batches(self):
         for i, out in enumerate(self.iterator):
             b = {k: v.to(self.device, non_blocking=True) for k, v in out[0].items()}
-            n = len(b["bg"])
-            valid = valid_mask(self.plan, i, n) if not self.plan.train else torch.ones(n, dtype=torch.bool)
-            yield {"bg": b["bg"], "fg_bg": b["fg_bg"], "mask": b["labels"][:, 0:1], "depth": b["labels"][:, 1:2],
-                   "valid": valid.to(self.device)}
+            yield to_contract(b["bg"], b["fg_bg"], b["labels"], valid_mask(self.plan, i, len(b["bg"])))
 

@@ -85,17 +85,18 @@ def plan(shards: str | os.PathLike, split: str, batch_size: int, rank: int, worl
 
 
 def valid_mask(plan: Plan, batch_index: int, batch_size: int) -> torch.Tensor:
-    """Which samples of a validation batch are real: the rank's part may be one shorter than
-    the largest, and its last batch is filled with repeats."""
+    """Which samples of a batch are real: all in training; in validation the rank's part may be
+    one shorter than the largest, and its last batch is filled with repeats."""
+    if plan.train:
+        return torch.ones(batch_size, dtype=torch.bool)
     start, end = plan.part
     first = batch_index * plan.batch_size
     return torch.arange(first, first + batch_size) < (end - start)
 
 
-def split_channels(images: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """B×8×H×W (bg, fg_bg, mask, depth stacked by the loaders) to the batch contract."""
-    return {"bg": images[:, 0:3], "fg_bg": images[:, 3:6], "mask": images[:, 6:7], "depth": images[:, 7:8],
-            "valid": valid.to(images.device)}
+def to_contract(bg: torch.Tensor, fg_bg: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> dict:
+    """Both loaders' tensors (labels = mask and depth, 2 channels) as the batch contract."""
+    return {"bg": bg, "fg_bg": fg_bg, "mask": labels[:, 0:1], "depth": labels[:, 1:2], "valid": valid.to(bg.device)}
 
 
 def build_loader(shards: str | os.PathLike, split: str = "train", res: int = 224, batch_size: int = 64,

@@ -59,7 +59,7 @@ def erode(m, r=2):
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_batch_contract(exact_shards, loader, split):
     it, got = batches(exact_shards, loader, split=split)
-    assert len(got) == (4 if split == "train" else 4)  # 39 // 8 train; ceil(25 / 8) val
+    assert len(got) == 4  # 39 // 8 train batches; ceil(25 / 8) val batches
     for b in got:
         assert set(b) == {"bg", "fg_bg", "mask", "depth", "valid"}
         assert b["bg"].shape == b["fg_bg"].shape == (8, 3, RES, RES)

@@ -178,3 +178,13 @@ def test_overwrite_never_deletes_what_is_not_a_dataset(tmp_path):
     r = CliRunner().invoke(main, ["make-dataset", "--out", str(tmp_path / "mine"), "--overwrite", "--num-bg", "1"])
     assert r.exit_code == 1 and "not a dataset (no fg_bg/)" in r.output
     assert (tmp_path / "mine" / "precious.txt").exists()
+
+
+def test_folder_overwrite_swaps_in_the_new_dataset(tmp_path):
+    out = tmp_path / "ds"
+    settings = dict(out=str(out), num_bg=1, num_fg=1, placements=1, size=64, workers=1)
+    make_dataset(MakeSettings(**settings))
+    first = (out / "bg" / "bg001.jpg").read_bytes()
+    make_dataset(MakeSettings(**settings, seed=5, overwrite=True))
+    assert (out / "bg" / "bg001.jpg").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no .tmp or .old left

@@ -8,6 +8,7 @@ checkpoint also holds the optimizer, scheduler and RNG states that --resume need
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,13 @@ def save(path: str | os.PathLike, state: dict) -> None:
     torch.save({"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "torch_version": str(torch.__version__), "command": " ".join(sys.argv), **state}, tmp)
     os.replace(tmp, path)
+
+
+def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """dst becomes a copy of src, atomically (best.pt from the last.pt just written)."""
+    tmp = Path(str(dst) + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def load(path: str | os.PathLike) -> dict:

@@ -162,15 +162,15 @@ class Run:
                 "epoch_step": self.epoch_step, "best_loss": self.best_loss, "metrics": self.metrics,
                 "settings": asdict(self.s), "world_size": self.ctx.world_size}
 
-    def save(self, name: str = "last.pt") -> None:
-        """Collective: every rank's RNG states (CPU, and the GPU's: dropout) go in, rank 0 writes."""
+    def save(self) -> None:
+        """last.pt. Collective: every rank's RNG states (CPU, and the GPU's: dropout) go in, rank 0 writes."""
         mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.ctx.device) if self.gpu else None}
         rng = [mine]
         if dist.is_initialized():
             rng = [None] * self.ctx.world_size
             dist.all_gather_object(rng, mine)
         if self.ctx.main:
-            checkpoint.save(self.out / name, {**self.state(), "rng": rng})
+            checkpoint.save(self.out / "last.pt", {**self.state(), "rng": rng})
         self.last_saved = self.step
 
     def restore(self, ckpt: dict) -> None:
@@ -350,8 +350,8 @@ def _epochs(run: Run, model, train_loader, val_loader, writer, stop: StopRequest
             improved = run.metrics["loss"] < run.best_loss
             run.best_loss = min(run.best_loss, run.metrics["loss"])
             run.save()
-            if improved:
-                run.save("best.pt")
+            if improved and ctx.main:
+                checkpoint.copy(run.out / "last.pt", run.out / "best.pt")
             if s.max_steps and run.step >= s.max_steps:
                 print0(ctx, f"--max-steps: saved {run.out / 'last.pt'} at step {run.step}")
                 return 0
