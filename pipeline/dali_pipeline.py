@@ -22,8 +22,8 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from pipeline.augment import Augment
-from pipeline.loaders import LoaderError, Plan, to_contract, valid_mask
-from pipeline.manifest import ROLES
+from pipeline.epoch import Plan, to_contract
+from pipeline.manifest import ROLES, LoaderError
 
 READER = "Reader"
 SHUFFLE_BUFFER = 1024  # shards are shuffled when packed; this mixes neighbouring shards too
@@ -193,5 +193,5 @@ class DaliLoader:
     def _batches(self):
         for i, out in enumerate(self.iterator):
             b = {k: v.to(self.device, non_blocking=True) for k, v in out[0].items()}
-            yield to_contract(b["bg"], b["fg_bg"], b["labels"], valid_mask(self.plan, i, len(b["bg"])))
+            yield to_contract(b["bg"], b["fg_bg"], b["labels"], self.plan, i)
 

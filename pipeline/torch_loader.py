@@ -20,8 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.augment import Augment
-from pipeline.loaders import LoaderError, Plan, to_contract, valid_mask
-from pipeline.manifest import ROLES
+from pipeline.epoch import Plan, to_contract
+from pipeline.manifest import ROLES, LoaderError
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's
 
@@ -232,7 +232,7 @@ class TorchLoader:
                 break
             batch = batch.to(self.device, non_blocking=True)
             images = augment_batch(batch, self.aug, g) if self.on_device else batch
-            yield to_contract(images[:, 0:3], images[:, 3:6], images[:, 6:8], valid_mask(self.plan, i, len(images)))
+            yield to_contract(images[:, 0:3], images[:, 3:6], images[:, 6:8], self.plan, i)
 
     def _val_batches(self):
         """Batches of the rank's part in shard order; the tail, and a whole batch where this
@@ -251,4 +251,4 @@ class TorchLoader:
 
     def _val_batch(self, samples: list[torch.Tensor], i: int) -> dict:
         images = torch.stack(samples).to(self.device, non_blocking=True).float().div_(255)
-        return to_contract(images[:, 0:3], images[:, 3:6], images[:, 6:8], valid_mask(self.plan, i, len(samples)))
+        return to_contract(images[:, 0:3], images[:, 3:6], images[:, 6:8], self.plan, i)

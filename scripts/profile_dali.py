@@ -20,7 +20,7 @@ from pipeline.manifest import ROLES
 
 
 def time_ops(shards: str, res: int = 224, batch: int = 64, runs: int = 15):
-    from pipeline.loaders import plan
+    from pipeline.epoch import plan
     p = plan(shards, "train", batch, 0, 1, True)
 
     def run(name, body):

@@ -1,0 +1,84 @@
+"""What both loaders share, below them both: which samples a rank reads, how many batches an
+epoch has, and the batch contract's dict. pipeline.loaders (build_loader) sits above it and the
+two loaders; see its docstring for the epoch rules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.manifest import ManifestError, read_manifest, split_shards
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one rank reads: the split's shards and where its part of the samples lies."""
+
+    tars: list[str]
+    indexes: list[str]
+    counts: list[int]  # samples per shard
+    samples: int  # in the whole split
+    rank: int
+    world_size: int
+    batch_size: int
+    train: bool
+
+    @property
+    def part(self) -> tuple[int, int]:
+        """[start, end) of this rank's samples in shard order: DALI's own split, floor(N·r/w)."""
+        n, r, w = self.samples, self.rank, self.world_size
+        return n * r // w, n * (r + 1) // w
+
+    @property
+    def largest_part(self) -> int:
+        return math.ceil(self.samples / self.world_size)
+
+    @property
+    def batches(self) -> int:
+        if self.train:
+            return self.samples // self.world_size // self.batch_size
+        return math.ceil(self.largest_part / self.batch_size)
+
+
+def plan(shards: str | os.PathLike, split: str, batch_size: int, rank: int, world_size: int, train: bool) -> Plan:
+    manifest = read_manifest(shards)
+    entries = split_shards(manifest, split)
+    folder = Path(shards)
+    for e in entries:  # cheap checks here, so a damaged set fails now and not inside DALI
+        for name in (e["tar"], e["index"]):
+            if not (folder / name).is_file():
+                raise ManifestError(f"{folder / name} is missing; run `depthcli verify {folder}`.")
+        size = (folder / e["tar"]).stat().st_size
+        if size != e["bytes"]:
+            raise ManifestError(f"{folder / e['tar']} has {size} bytes, the manifest says {e['bytes']}; "
+                                f"run `depthcli verify {folder}`.")
+    p = Plan([str(folder / e["tar"]) for e in entries], [str(folder / e["index"]) for e in entries],
+             [e["samples"] for e in entries], sum(e["samples"] for e in entries), rank, world_size, batch_size, train)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    if p.batches == 0 or p.samples < world_size:
+        raise ManifestError(f"the {split} split has {p.samples} samples, too few for one batch of {batch_size} "
+                            f"on each of {world_size} ranks; lower the batch size.")
+    return p
+
+
+def valid_mask(plan: Plan, batch_index: int, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Which samples of a batch are real: all in training; in validation the rank's part may be
+    one shorter than the largest, and its last batch is filled with repeats. Made on `device`
+    itself: a pageable host-to-device copy per batch would be a stream synchronization."""
+    if plan.train:
+        return torch.ones(batch_size, dtype=torch.bool, device=device)
+    start, end = plan.part
+    first = batch_index * plan.batch_size
+    return torch.arange(first, first + batch_size, device=device) < (end - start)
+
+
+def to_contract(bg: torch.Tensor, fg_bg: torch.Tensor, labels: torch.Tensor, plan: Plan, batch_index: int) -> dict:
+    """Both loaders' tensors (labels = mask and depth, 2 channels) as the batch contract."""
+    return {"bg": bg, "fg_bg": fg_bg, "mask": labels[:, 0:1], "depth": labels[:, 1:2],
+            "valid": valid_mask(plan, batch_index, len(bg), bg.device)}
