@@ -1,21 +1,29 @@
-"""The reference loader: webdataset + torch DataLoader, the same contract and epoch rules as the
-DALI loader (see pipeline.loaders), for machines without DALI and as the benchmark's baseline.
+"""The torch loader: webdataset + torch DataLoader, the same contract and epoch rules as the DALI
+loader (see pipeline.loaders), for machines without DALI (AMD, Apple, CPU-only boxes).
 
-Workers decode with PIL and resize; augmentation is torch code written for batches (every random
-parameter drawn per sample, as tensors). Where it runs was decided by measuring (BENCHMARKS.md):
-on a GPU, on whole batches on the device, where it costs almost nothing; on the CPU, per sample
-in the workers (2.7× faster than whole batches, in the workers or in the main process).
+Workers decode with OpenCV, JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still covers
+`res` (libjpeg-turbo skips most of the work), then an antialiased resize. Augmentation is the
+field's libraries, with the `Augment` settings mapped onto their parameters:
+- CPU: albumentations, one sample at a time in the workers (OpenCV's SIMD kernels). The four
+  images are targets of one geometric transform, so flips and rotation are drawn once per sample
+  and labels rotate with nearest neighbour; colour, noise and dropout are a second transform,
+  applied to bg and fg_bg (one call for both when `shared`, else one each).
+- GPU: kornia.augmentation on whole batches on the device, parameters drawn per sample, every
+  skip a `torch.where`: no host-device synchronization per batch.
+Measurements behind these choices are in BENCHMARKS.md ("Torch loader on libraries").
 """
 
 from __future__ import annotations
 
 import io
-import math
+import random
 
+import albumentations as A
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
+from albumentations.augmentations.pixel import functional as fpixel
 from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 
@@ -24,141 +32,218 @@ from pipeline.epoch import Plan, to_contract
 from pipeline.manifest import ROLES, LoaderError
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's
+# cv2.imdecode flags per DCT scale, (colour, grey): REDUCED_GRAYSCALE_n is the scale bit alone
+_READ = {n: (cv2.IMREAD_COLOR_RGB | g, g) for n, g in
+         {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+          8: cv2.IMREAD_REDUCED_GRAYSCALE_8}.items()}
 
 
-def decode_sample(sample: dict, res: int) -> torch.Tensor:
-    """Four encoded images → uint8 8×res×res (bg, fg_bg, mask, depth)."""
-    planes = []
+def dct_scale(data: bytes, res: int) -> int:
+    """The largest JPEG scale-down (1, 2, 4 or 8) whose output still has both sides >= res; 1
+    for other formats. Reads the header only."""
+    if data[:2] != b"\xff\xd8":
+        return 1
+    side = min(Image.open(io.BytesIO(data)).size)
+    scale = 1
+    while scale < 8 and -(-side // (2 * scale)) >= res:  # libjpeg rounds the scaled size up
+        scale *= 2
+    return scale
+
+
+def decode_image(data: bytes, gray: bool, res: int, scale: int) -> np.ndarray:
+    """Encoded bytes → uint8 res×res×3 (RGB) or res×res (grey)."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), _READ[scale][gray])
+    if img is None:
+        raise ValueError("not a decodable image")
+    if img.shape[:2] != (res, res):  # INTER_AREA: the antialiased one for shrinking
+        img = cv2.resize(img, (res, res), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def decode_sample(sample: dict, res: int) -> dict[str, np.ndarray]:
+    """A webdataset sample → {role: uint8 array at res×res}; a bad image is one sentence."""
+    out, scale = {}, None
     for role in ROLES:
         data = sample.get(f"{role}.jpg", sample.get(f"{role}.png"))
-        mode = "RGB" if role in ("bg", "fg_bg") else "L"
         try:
-            im = Image.open(io.BytesIO(data))
-            im.draft(mode, (res, res))  # JPEG: decode at a reduced scale when that is still >= res
-            im = im.convert(mode)
-        except Exception as e:  # PIL raises many types; None data (missing member) too
+            scale = dct_scale(data, res) if scale is None else scale  # the four share a size (checked when sharding)
+            out[role] = decode_image(data, role in ("mask", "depth"), res, scale)
+        except Exception as e:  # OpenCV and PIL raise many types; None data (missing member) too
             shards = sample.get("__url__", "?").rsplit("/", 1)[0]
             raise LoaderError(f"could not decode {role} of sample {sample.get('__key__')} in {sample.get('__url__')} "
                               f"({e}); run `depthcli verify --decode {shards}`.") from None
-        if im.size != (res, res):
-            im = im.resize((res, res), Image.BILINEAR)  # PIL's resize is antialiased
-        arr = np.asarray(im)
-        planes.append(arr[..., None] if arr.ndim == 2 else arr)
-    return torch.from_numpy(np.concatenate(planes, axis=2)).permute(2, 0, 1).contiguous()
+    return out
 
 
-# --- batched augmentation: B×8×H×W float in [0, 1], parameters drawn per sample ----------------
-
-def _rand(n: int, g: torch.Generator, device, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
-
-
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    c = v - x.min(1).values
-    s = torch.where(v > 0, c / v.clamp_min(1e-8), torch.zeros_like(v))
-    cz = c.clamp_min(1e-8)
-    h = torch.where(v == r, ((g - b) / cz) % 6, torch.where(v == g, (b - r) / cz + 2, (r - g) / cz + 4))
-    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
-    return torch.stack([h, s, v], 1)
+def to_planes(images: dict[str, np.ndarray]) -> torch.Tensor:
+    """{role: HWC or HW uint8} → uint8 8×H×W (bg, fg_bg, mask, depth); floats are made per batch."""
+    planes = [images[r] if images[r].ndim == 3 else images[r][..., None] for r in ROLES]
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(planes, axis=2).transpose(2, 0, 1)))
 
 
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)
-    return v[:, None] - (v * s)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+# --- CPU: albumentations, one sample at a time in the workers -------------------------------------
+
+class _GaussNoiseOwnPixels(A.GaussNoise):
+    """A.GaussNoise that draws σ once per call but fresh noise pixels for each image target: with
+    `Augment.shared`, bg and fg_bg get the same draws but each its own noise (the stock op adds one
+    noise map to every target, which would leave fg_bg − bg exactly 0 outside the object)."""
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        return {"sigma": self.py_random.uniform(*self.std_range)}
+
+    def apply(self, img: np.ndarray, sigma: float, **params) -> np.ndarray:
+        noise = fpixel.generate_noise("gaussian", "per_pixel", img.shape, {"mean_range": (0, 0), "std_range": (sigma, sigma)},
+                                      255 if img.dtype == np.uint8 else 1.0, self.noise_scale_factor, self.random_generator)
+        return fpixel.add_noise(img, noise)
 
 
-def _geometry(x: torch.Tensor, aug: Augment, g: torch.Generator) -> torch.Tensor:
-    """Flips and rotation, drawn once per sample, applied to all eight channels together; the
-    labels (mask, depth) rotate with nearest neighbour, as in the DALI graph."""
-    n, dev = len(x), x.device
-    for p, dim in ((aug.hflip_p, -1), (aug.vflip_p, -2)):
-        if p > 0:
-            x = torch.where((_rand(n, g, dev) < p)[:, None, None, None], x.flip(dim), x)
-    rot = _rand(n, g, dev) < aug.rotate_p
-    angle = _rand(n, g, dev, -aug.rotate_deg, aug.rotate_deg) * math.pi / 180
-    if rot.any():
-        a = angle[rot]
-        cos, sin, zero = a.cos(), a.sin(), torch.zeros_like(a)
-        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-        grid = F.affine_grid(theta, list(x[rot].shape), align_corners=False)
-        mode = "bilinear" if aug.rotate_interp == "linear" else "nearest"
-        x = x.clone()
-        x[rot] = torch.cat([F.grid_sample(x[rot][:, :6], grid, mode=mode, padding_mode="zeros", align_corners=False),
-                            F.grid_sample(x[rot][:, 6:], grid, mode="nearest", padding_mode="zeros", align_corners=False)], 1)
-    return x
+def cpu_transforms(aug: Augment) -> tuple[A.Compose, A.Compose]:
+    """(geometry for all four images, photometric for bg and fg_bg), `aug` in albumentations' terms:
+    angles in degrees; RGB shift and noise σ as fractions of 255 (albumentations reads limits
+    <= 1 that way); HSV as ColorJitter's factors (hue in turns, saturation and value multiplied:
+    value = brightness, saturation blends with grey as torchvision's and kornia's do); holes as
+    fractions of the side, 0.5–1× of dropout_max_h × dropout_max_w."""
+    interp = cv2.INTER_LINEAR if aug.rotate_interp == "linear" else cv2.INTER_NEAREST
+    geometry = A.Compose([
+        A.HorizontalFlip(p=aug.hflip_p),
+        A.VerticalFlip(p=aug.vflip_p),
+        A.Rotate(limit=aug.rotate_deg, interpolation=interp, mask_interpolation=cv2.INTER_NEAREST,
+                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=aug.rotate_p),
+    ], additional_targets={"fg_bg": "image", "depth": "mask"})
+    shift = (-aug.rgb_shift, aug.rgb_shift)
+    noise = _GaussNoiseOwnPixels if aug.shared else A.GaussNoise
+    photometric = A.Compose([
+        A.OneOf([A.RGBShift(r_shift_limit=shift, g_shift_limit=shift, b_shift_limit=shift, p=1),
+                 A.ColorJitter(brightness=(1 - aug.value, 1 + aug.value), contrast=(1, 1),
+                               saturation=(1 - aug.saturation, 1 + aug.saturation),
+                               hue=(-aug.hue_deg / 360, aug.hue_deg / 360), p=1)], p=aug.color_p),
+        noise(std_range=(aug.noise_min, aug.noise_max), mean_range=(0, 0), per_channel=True, p=aug.noise_p),
+        A.CoarseDropout(num_holes_range=(1, aug.dropout_max_holes),
+                        hole_height_range=(aug.dropout_max_h / 2, aug.dropout_max_h),
+                        hole_width_range=(aug.dropout_max_w / 2, aug.dropout_max_w), fill=0, p=aug.dropout_p),
+    ], additional_targets={"fg_bg": "image"})
+    return geometry, photometric
 
 
-def _draws(n: int, aug: Augment, g: torch.Generator, dev) -> dict:
-    nh = aug.dropout_max_holes
-    return {"color": _rand(n, g, dev) < aug.color_p, "rgb": _rand(n, g, dev) < 0.5,
-            "shift": (torch.rand(n, 3, generator=g, device=dev) * 2 - 1) * aug.rgb_shift,
-            "hue": _rand(n, g, dev, -aug.hue_deg, aug.hue_deg) / 360,
-            "sat": _rand(n, g, dev, 1 - aug.saturation, 1 + aug.saturation),
-            "val": _rand(n, g, dev, 1 - aug.value, 1 + aug.value),
-            "noise": _rand(n, g, dev) < aug.noise_p, "sigma": _rand(n, g, dev, aug.noise_min, aug.noise_max),
-            "dropout": _rand(n, g, dev) < aug.dropout_p,
-            "holes": torch.randint(1, nh + 1, (n,), generator=g, device=dev),
-            "size": torch.rand(n, nh, 2, generator=g, device=dev) * 0.5 + 0.5,
-            "anchor": torch.rand(n, nh, 2, generator=g, device=dev)}
+class SampleStage:
+    """A picklable stage that decodes one sample inside a DataLoader worker and, given `aug`,
+    augments it there (on the CPU 2.7× faster than whole batches: their intermediates do not
+    fit in cache)."""
+
+    def __init__(self, aug: Augment | None, res: int, seed: int):
+        self.aug, self.res, self.seed, self.ops = aug, res, seed, None
+
+    def _setup(self):
+        info = get_worker_info()
+        seed = self.seed * 1000 + (info.id if info else 0)
+        self.ops = cpu_transforms(self.aug) if self.aug else ()
+        # One generator pair for all ops: Compose(seed=s) gives every op its own generator seeded
+        # with s, so their draws coincide (every vertical flip would also be a horizontal one).
+        state = np.random.default_rng(seed), random.Random(seed)
+        for compose in self.ops:
+            compose.set_random_state(*state)
+
+    def __call__(self, sample: dict) -> torch.Tensor:
+        if self.ops is None:
+            self._setup()
+        x = decode_sample(sample, self.res)
+        if self.ops:
+            geometry, photometric = self.ops
+            x = geometry(image=x["bg"], fg_bg=x["fg_bg"], mask=x["mask"], depth=x["depth"])
+            x["bg"] = x.pop("image")
+            if self.aug.shared:
+                y = photometric(image=x["bg"], fg_bg=x["fg_bg"])
+                x["bg"], x["fg_bg"] = y["image"], y["fg_bg"]
+            else:
+                x["bg"], x["fg_bg"] = (photometric(image=x[k])["image"] for k in ("bg", "fg_bg"))
+        return to_planes(x)
 
 
-def _photometric(img: torch.Tensor, d: dict, aug: Augment, g: torch.Generator) -> torch.Tensor:
-    """Colour shift (RGB shift or HSV), Gaussian noise, coarse dropout on B×3×H×W."""
-    n, _, h, w = img.shape
-    shifted = img + d["shift"][:, :, None, None]
-    hsv = rgb_to_hsv(img) if (d["color"] & ~d["rgb"]).any() else None
-    if hsv is not None:
-        hsv = torch.stack([(hsv[:, 0] + d["hue"][:, None, None]) % 1,
-                           (hsv[:, 1] * d["sat"][:, None, None]).clamp(0, 1),
-                           (hsv[:, 2] * d["val"][:, None, None]).clamp(0, 1)], 1)
-        shifted = torch.where(d["rgb"][:, None, None, None], shifted, hsv_to_rgb(hsv))
-    img = torch.where(d["color"][:, None, None, None], shifted, img)
-    if d["noise"].any():
-        noise = torch.randn(img.shape, generator=g, device=img.device) * d["sigma"][:, None, None, None]
-        img = torch.where(d["noise"][:, None, None, None], img + noise, img)
-    if d["dropout"].any():
-        size = d["size"] * torch.tensor([aug.dropout_max_h, aug.dropout_max_w], device=img.device)
-        lo = d["anchor"] * (1 - size)  # holes lie inside the image
-        hi = lo + size
-        yy = (torch.arange(h, device=img.device) + 0.5) / h
-        xx = (torch.arange(w, device=img.device) + 0.5) / w
-        inside = ((yy[None, None, :, None] >= lo[..., 0, None, None]) & (yy[None, None, :, None] < hi[..., 0, None, None])
-                  & (xx[None, None, None, :] >= lo[..., 1, None, None]) & (xx[None, None, None, :] < hi[..., 1, None, None]))
-        used = torch.arange(aug.dropout_max_holes, device=img.device)[None] < d["holes"][:, None]
-        hole = (inside & used[..., None, None]).any(1) & d["dropout"][:, None, None]
-        img = img.masked_fill(hole[:, None], 0.0)
-    return img.clamp(0, 1)
+def _worker_init(_):
+    cv2.setNumThreads(1)  # one process per core already; OpenCV's own pool would oversubscribe
 
 
-def augment_batch(x: torch.Tensor, aug: Augment, g: torch.Generator) -> torch.Tensor:
-    """uint8 or float B×8×H×W → float in [0, 1], augmented."""
-    x = x.float().div_(255) if x.dtype == torch.uint8 else x
-    x = _geometry(x, aug, g)
-    if aug.color_p > 0 or aug.noise_p > 0 or aug.dropout_p > 0:
-        first = _draws(len(x), aug, g, x.device)
-        second = first if aug.shared else _draws(len(x), aug, g, x.device)
-        x = torch.cat([_photometric(x[:, 0:3], first, aug, g), _photometric(x[:, 3:6], second, aug, g), x[:, 6:8]], 1)
-    return x
+# --- GPU: kornia.augmentation on whole batches on the device --------------------------------------
+
+class DeviceAugment(torch.nn.Module):
+    """Float B×8×H×W batches (bg, fg_bg, mask, depth) on the device → augmented, with kornia.
+    Parameters are drawn per sample on the device; skipped samples are kept by torch.where, so
+    nothing waits for the device. Same mapping of `Augment` as cpu_transforms."""
+
+    def __init__(self, aug: Augment):
+        import kornia.augmentation as K
+
+        super().__init__()
+        self.aug = aug
+        resample = "bilinear" if aug.rotate_interp == "linear" else "nearest"
+        # "mask" keys are resampled with nearest neighbour; flips and angle are drawn once per sample.
+        self.geometry = K.AugmentationSequential(
+            K.RandomHorizontalFlip(p=aug.hflip_p), K.RandomVerticalFlip(p=aug.vflip_p),
+            K.RandomRotation(aug.rotate_deg, resample=resample, p=aug.rotate_p), data_keys=["input", "mask"])
+        s = aug.rgb_shift
+        self.rgb_shift = K.RandomRGBShift((-s, s), (-s, s), (-s, s), p=1.0)
+        self.jitter = K.ColorJitter(brightness=(1 - aug.value, 1 + aug.value), saturation=(1 - aug.saturation, 1 + aug.saturation),
+                                    hue=(-aug.hue_deg / 360, aug.hue_deg / 360), p=1.0,
+                                    order=(0, 2, 3))  # a fixed order is branch-free: a random one tests factors in Python
+        self.erase = K.RandomErasing(value=0.0, p=1.0)  # holes drawn by _holes: kornia's are area × aspect
+
+    def _holes(self, n: int, h: int, w: int, on: torch.Tensor, device) -> list[dict]:
+        """RandomErasing's parameters, one dict per possible hole: 1..max_holes holes a sample,
+        each 0.5–1× of max_h × max_w and inside the image; an unused hole is an empty box."""
+        a = self.aug
+        count = torch.randint(1, a.dropout_max_holes + 1, (n,), device=device)
+        out = []
+        for k in range(a.dropout_max_holes):
+            heights = ((torch.rand(n, device=device) * 0.5 + 0.5) * a.dropout_max_h * h).round()
+            widths = ((torch.rand(n, device=device) * 0.5 + 0.5) * a.dropout_max_w * w).round()
+            widths = torch.where(on & (count > k), widths, 0.0)
+            out.append({"xs": (torch.rand(n, device=device) * (w - widths + 1)).floor(),
+                        "ys": (torch.rand(n, device=device) * (h - heights + 1)).floor(),
+                        "widths": widths, "heights": heights, "values": torch.zeros(n, device=device),
+                        "batch_prob": torch.ones(n, dtype=torch.bool)})
+        return out
+
+    def draws(self, img: torch.Tensor) -> dict:
+        """Every photometric parameter of each image of a batch, drawn on its device."""
+        a, (n, _, h, w), dev = self.aug, img.shape, img.device
+        coin = lambda p: torch.rand(n, device=dev) < p  # noqa: E731
+        return {"color": coin(a.color_p), "rgb": coin(0.5), "noise": coin(a.noise_p),
+                "sigma": torch.rand(n, device=dev) * (a.noise_max - a.noise_min) + a.noise_min,
+                "holes": self._holes(n, h, w, coin(a.dropout_p), dev)}
+
+    def photometric(self, img: torch.Tensor, d: dict) -> torch.Tensor:
+        """Colour shift (RGB shift or HSV, one of the two per sample), Gaussian noise, dropout."""
+        per = lambda v: v.view(-1, 1, 1, 1)  # noqa: E731
+        img = torch.where(per(d["color"] & d["rgb"]), self.rgb_shift(img),
+                          torch.where(per(d["color"]), self.jitter(img), img))
+        # kornia's RandomGaussianNoise has one fixed sigma; ours is drawn per sample.
+        img = (img + torch.randn_like(img) * per(d["sigma"] * d["noise"])).clamp_(0, 1)
+        for hole in d["holes"]:
+            img = self.erase(img, params=dict(hole))
+        return img
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images, labels = self.geometry(x[:, 0:6], x[:, 6:8])
+        bg, fg_bg = images[:, 0:3], images[:, 3:6]
+        if self.aug.color_p > 0 or self.aug.noise_p > 0 or self.aug.dropout_p > 0:
+            if self.aug.shared:  # one set of draws for both; randn_like gives each its own noise pixels
+                d = _twice(self.draws(bg))
+                bg, fg_bg = self.photometric(torch.cat([bg, fg_bg]), d).chunk(2)
+            else:
+                bg, fg_bg = self.photometric(bg, self.draws(bg)), self.photometric(fg_bg, self.draws(fg_bg))
+        return torch.cat([bg, fg_bg, labels], 1)
+
+
+def _twice(d: dict) -> dict:
+    """Draws for a batch made of the same batch twice (bg then fg_bg)."""
+    return {k: [_twice(h) for h in v] if isinstance(v, list) else torch.cat([v, v]) for k, v in d.items()}
 
 
 # --- the loader ------------------------------------------------------------------------------
 
-class _AugmentInWorker:
-    """A picklable stage that augments one sample inside a DataLoader worker. On the CPU this
-    is 2.7× faster than augmenting whole batches (in the workers or in the main process): a
-    batch's float intermediates do not fit in cache (BENCHMARKS.md)."""
-
-    def __init__(self, aug: Augment, seed: int):
-        self.aug, self.seed, self.g = aug, seed, None
-
-    def __call__(self, sample: torch.Tensor) -> torch.Tensor:
-        if self.g is None:
-            info = get_worker_info()
-            self.g = torch.Generator().manual_seed(self.seed * 1000 + (info.id if info else 0))
-        return augment_batch(sample[None], self.aug, self.g)[0]
+def augment_on_device(device: torch.device) -> bool:
+    """Whole batches with kornia on a GPU; per sample with albumentations in the CPU workers."""
+    return device.type == "cuda"
 
 
 def _in_part(plan: Plan):
@@ -179,18 +264,17 @@ def _in_part(plan: Plan):
 
 
 class TorchLoader:
-    """The batch contract over webdataset + DataLoader."""
+    """The batch contract over webdataset + DataLoader. Shard paths go to webdataset as they are
+    (local paths or URLs it can open)."""
 
     def __init__(self, plan: Plan, res: int, aug: Augment, device: str, seed: int, workers: int):
         self.plan, self.res, self.aug, self.device = plan, res, aug, torch.device(device)
         self.seed, self.workers, self.epoch = seed, workers, 0
-        self.on_device = self.device.type == "cuda"  # else augment in the workers
+        self.on_device = augment_on_device(self.device)
+        self.device_augment = DeviceAugment(aug) if self.on_device and plan.train else None
 
     def __len__(self) -> int:
         return self.plan.batches
-
-    def _decode(self, sample):
-        return decode_sample(sample, self.res)
 
     def _part_tars(self) -> list[str]:
         """The shards that hold some of this rank's part."""
@@ -198,25 +282,27 @@ class TorchLoader:
         starts = np.cumsum([0] + list(self.plan.counts))
         return [t for t, a, b in zip(self.plan.tars, starts[:-1], starts[1:]) if a < hi and b > lo]
 
+    def _loader(self, ds, tars: list[str]) -> DataLoader:
+        workers = min(self.workers, len(tars))
+        return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=self.device.type == "cuda",
+                          worker_init_fn=_worker_init, prefetch_factor=2 if workers else None)
+
     def _train_loader(self):
         """This rank's part, shards and samples shuffled anew each epoch; each worker cycles its
         shards (.repeat()) so the rank always has its len() full batches, whatever the tails."""
         rank_seed = (self.seed * 1000 + self.plan.rank) * 1000 + self.epoch
         tars = self._part_tars()
+        stage = SampleStage(None if self.on_device else self.aug, self.res, rank_seed)
         ds = (wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=None, seed=rank_seed, empty_check=False)
-              .compose(_in_part(self.plan)).shuffle(SHUFFLE_BUFFER).map(self._decode))
-        if not self.on_device:
-            ds = ds.map(_AugmentInWorker(self.aug, rank_seed))
-        ds = ds.batched(self.plan.batch_size, collation_fn=torch.stack, partial=False).repeat()
-        workers = min(self.workers, len(tars))
-        return DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=self.on_device,
-                          prefetch_factor=2 if workers else None)
+              .compose(_in_part(self.plan)).shuffle(SHUFFLE_BUFFER).map(stage)
+              .batched(self.plan.batch_size, collation_fn=torch.stack, partial=False).repeat())
+        return self._loader(ds, tars)
 
     def _val_loader(self):
         tars = self._part_tars()
         ds = (wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, empty_check=False)
-              .compose(_in_part(self.plan)).map(self._decode))
-        return DataLoader(ds, batch_size=None, num_workers=min(self.workers, len(tars)), pin_memory=self.on_device)
+              .compose(_in_part(self.plan)).map(SampleStage(None, self.res, 0)))
+        return self._loader(ds, tars)
 
     def __iter__(self):
         self.epoch += 1
@@ -225,13 +311,16 @@ class TorchLoader:
         except LoaderError as e:  # from a worker, the message carries the worker's traceback
             raise LoaderError(str(e).strip().splitlines()[-1].split("LoaderError: ", 1)[-1]) from None
 
+    def _floats(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.to(self.device, non_blocking=True).float().div_(255)
+
     def _train_batches(self):
-        g = torch.Generator(self.device).manual_seed(self.seed * 1000 + self.plan.rank + 7919 * self.epoch)
         for i, batch in enumerate(self._train_loader()):
             if i == self.plan.batches:
                 break
-            batch = batch.to(self.device, non_blocking=True)
-            images = augment_batch(batch, self.aug, g) if self.on_device else batch
+            images = self._floats(batch)
+            if self.device_augment is not None:
+                images = self.device_augment(images)
             yield to_contract(images[:, 0:3], images[:, 3:6], images[:, 6:8], self.plan, i)
 
     def _val_batches(self):
@@ -250,5 +339,5 @@ class TorchLoader:
             buf, i = [], i + 1
 
     def _val_batch(self, samples: list[torch.Tensor], i: int) -> dict:
-        images = torch.stack(samples).to(self.device, non_blocking=True).float().div_(255)
+        images = self._floats(torch.stack(samples))
         return to_contract(images[:, 0:3], images[:, 3:6], images[:, 6:8], self.plan, i)

@@ -1,0 +1,117 @@
+"""The torch loader's own parts: reduced-scale JPEG decode, independent draws, noise pixels under
+`shared`, and the batched (GPU) path, run here on the CPU through test_loaders' own checks and
+watched for reads from the device (each would be a host-device synchronization on a GPU)."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pipeline.torch_loader as tl
+import test_loaders as common  # a module import, so pytest does not collect its tests twice
+from pipeline.augment import Augment
+
+
+def jpeg(size: int, gray: bool = False) -> bytes:
+    yy, xx = np.mgrid[0:size, 0:size]
+    img = np.stack([xx * 255 // size, yy * 255 // size, (xx + yy) * 127 // size], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if gray else img).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("res, scale", [(224, 1), (128, 1), (112, 2), (64, 2), (56, 4), (28, 8), (16, 8)])
+def test_jpeg_is_decoded_at_the_smallest_scale_that_covers_res(res, scale):
+    assert tl.dct_scale(jpeg(224), res) == scale
+    png = io.BytesIO()
+    Image.new("RGB", (224, 224)).save(png, "PNG")
+    assert tl.dct_scale(png.getvalue(), res) == 1  # only JPEG has DCT scaling
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_reduced_decode_matches_a_full_decode_and_resize(gray):
+    data = jpeg(224, gray)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("L" if gray else "RGB").resize((64, 64), Image.BOX))
+    got = tl.decode_image(data, gray, 64, tl.dct_scale(data, 64))
+    assert got.shape == full.shape and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - full).mean() < 2.0
+
+
+@pytest.fixture(params=["workers", "device"])
+def where(request, monkeypatch):
+    """Run a loader test on both torch paths: albumentations in the workers, and kornia on
+    whole batches (the GPU path, here on the CPU)."""
+    monkeypatch.setattr(tl, "augment_on_device", lambda device: request.param == "device")
+    return request.param
+
+
+def test_flips_are_drawn_independently(exact_shards, where):
+    """P(h and v) = 0.5 × 0.3: albumentations' Compose(seed=) would draw both from one seed."""
+    _, got = common.batches(exact_shards, "torch", epochs=10, augment=Augment().only("hflip", "vflip"))
+    draws = np.array([common._flip_and_angle(s)[:2] for s in common.samples(got)])
+    both = (draws[:, 0] & draws[:, 1]).mean()
+    assert abs(both - 0.15) < 4 * math.sqrt(0.15 * 0.85 / len(draws))
+
+
+@pytest.mark.parametrize("check", ["test_geometry_is_synchronized", "test_flip_frequencies",
+                                   "test_rotation_probability_and_range", "test_batch_contract"])
+def test_device_path_passes_the_loader_checks(exact_shards, where, check):
+    if where == "workers":
+        pytest.skip("the workers path runs in test_loaders.py")
+    kw = {"split": "train"} if check == "test_batch_contract" else {}
+    getattr(common, check)(exact_shards, "torch", **kw)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_device_path_photometric_ops(exact_shards, where, shared):
+    if where == "workers":
+        pytest.skip("the workers path runs in test_loaders.py")
+    common.test_photometric_ops_touch_only_bg_and_fg_bg(exact_shards, "torch", shared)
+
+
+def test_shared_draws_keep_own_noise_pixels(exact_shards, where):
+    """Shared: both images noisy or neither, at one σ; but fg_bg − bg outside the object is noise
+    of σ·√2, not 0 (the same noise map in both would make it 0)."""
+    aug = Augment(noise_p=0.5, shared=True).only("noise")
+    _, got = common.batches(exact_shards, "torch", augment=aug)
+    noisy = []
+    for s in common.samples(got):
+        outside = s["mask"][..., 0] == 0
+        diff = (s["fg_bg"] - s["bg"])[outside] * 255
+        bg_noise = (s["bg"][..., :2] * 255 - np.stack(np.meshgrid(np.arange(64), np.arange(64)), -1) * 2)[outside]
+        if np.abs(bg_noise).mean() < 0.5:  # not drawn: neither image has noise
+            assert np.abs(diff).max() < 1e-4
+        else:
+            assert 3 * math.sqrt(2) * 0.7 < diff.std() < 7 * math.sqrt(2) * 1.3
+            noisy.append(True)
+    assert 8 < len(noisy) < 24  # p = 0.5 of 32
+
+
+class NoDeviceReads(TorchDispatchMode):
+    """Records ops that read a tensor's values back to the host or size a result by its data:
+    on a GPU each one waits for the device (.item(), bool(), .any() in an if, boolean indexing)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.SYNCING:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("aug", [Augment(), Augment(shared=True), Augment(rotate_interp="nearest", dropout_max_holes=3)],
+                         ids=["default", "shared", "nearest"])
+def test_device_path_never_reads_the_device(aug):
+    x, augment = torch.rand(16, 8, 32, 32), tl.DeviceAugment(aug)
+    with NoDeviceReads() as mode:
+        y = augment(x)
+    assert y.shape == x.shape
+    assert mode.seen == []
