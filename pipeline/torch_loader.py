@@ -25,7 +25,7 @@ import torch
 import webdataset as wds
 from albumentations.augmentations.pixel import functional as fpixel
 from PIL import Image
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from pipeline.augment import Augment
 from pipeline.epoch import Plan, to_contract
@@ -75,10 +75,11 @@ def decode_sample(sample: dict, res: int) -> dict[str, np.ndarray]:
     return out
 
 
-def to_planes(images: dict[str, np.ndarray]) -> torch.Tensor:
-    """{role: HWC or HW uint8} → uint8 8×H×W (bg, fg_bg, mask, depth); floats are made per batch."""
-    planes = [images[r] if images[r].ndim == 3 else images[r][..., None] for r in ROLES]
-    return torch.from_numpy(np.ascontiguousarray(np.concatenate(planes, axis=2).transpose(2, 0, 1)))
+def to_planes(images: dict[str, np.ndarray], floats: bool) -> torch.Tensor:
+    """{role: HWC or HW uint8} → 8×H×W (bg, fg_bg, mask, depth), uint8 or float in [0, 1].
+    cv2.split + stack: 25× faster than a transposing copy of the interleaved channels."""
+    planes = torch.from_numpy(np.stack([*cv2.split(images["bg"]), *cv2.split(images["fg_bg"]), images["mask"], images["depth"]]))
+    return planes.float().div_(255) if floats else planes
 
 
 # --- CPU: albumentations, one sample at a time in the workers -------------------------------------
@@ -128,10 +129,12 @@ def cpu_transforms(aug: Augment) -> tuple[A.Compose, A.Compose]:
 class SampleStage:
     """A picklable stage that decodes one sample inside a DataLoader worker and, given `aug`,
     augments it there (on the CPU 2.7× faster than whole batches: their intermediates do not
-    fit in cache)."""
+    fit in cache). `floats`: hand over float planes (on the CPU: cheaper per sample in the
+    workers than per batch in the trainer's process); else uint8, a quarter of the bytes to copy
+    to a GPU."""
 
-    def __init__(self, aug: Augment | None, res: int, seed: int):
-        self.aug, self.res, self.seed, self.ops = aug, res, seed, None
+    def __init__(self, aug: Augment | None, res: int, seed: int, floats: bool):
+        self.aug, self.res, self.seed, self.floats, self.ops = aug, res, seed, floats, None
 
     def _setup(self):
         info = get_worker_info()
@@ -156,7 +159,7 @@ class SampleStage:
                 x["bg"], x["fg_bg"] = y["image"], y["fg_bg"]
             else:
                 x["bg"], x["fg_bg"] = (photometric(image=x[k])["image"] for k in ("bg", "fg_bg"))
-        return to_planes(x)
+        return to_planes(x, self.floats)
 
 
 def _worker_init(_):
@@ -292,16 +295,16 @@ class TorchLoader:
         shards (.repeat()) so the rank always has its len() full batches, whatever the tails."""
         rank_seed = (self.seed * 1000 + self.plan.rank) * 1000 + self.epoch
         tars = self._part_tars()
-        stage = SampleStage(None if self.on_device else self.aug, self.res, rank_seed)
+        stage = SampleStage(None if self.on_device else self.aug, self.res, rank_seed, floats=not self.on_device)
         ds = (wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=None, seed=rank_seed, empty_check=False)
               .compose(_in_part(self.plan)).shuffle(SHUFFLE_BUFFER).map(stage)
-              .batched(self.plan.batch_size, collation_fn=torch.stack, partial=False).repeat())
+              .batched(self.plan.batch_size, collation_fn=default_collate, partial=False).repeat())  # stacks into shared memory
         return self._loader(ds, tars)
 
     def _val_loader(self):
         tars = self._part_tars()
         ds = (wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, empty_check=False)
-              .compose(_in_part(self.plan)).map(SampleStage(None, self.res, 0)))
+              .compose(_in_part(self.plan)).map(SampleStage(None, self.res, 0, floats=not self.on_device)))
         return self._loader(ds, tars)
 
     def __iter__(self):
@@ -312,7 +315,8 @@ class TorchLoader:
             raise LoaderError(str(e).strip().splitlines()[-1].split("LoaderError: ", 1)[-1]) from None
 
     def _floats(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch.to(self.device, non_blocking=True).float().div_(255)
+        batch = batch.to(self.device, non_blocking=True)
+        return batch.float().div_(255) if batch.dtype == torch.uint8 else batch
 
     def _train_batches(self):
         for i, batch in enumerate(self._train_loader()):

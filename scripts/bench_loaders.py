@@ -2,10 +2,12 @@
 PIL, albumentations per sample, DataLoader with 2 workers) as the baseline, then depthseg's DALI
 and torch loaders on shards of the same data, each with the full training augmentation.
 
-    pip install -e '.[bench]'    # albumentations, for the hand-written baseline only
     python scripts/bench_loaders.py --res 224 --work /tmp/bench-loaders
+    python scripts/bench_loaders.py --res 64 --loaders hand-written,torch --rounds 3
 
-Prints samples/s per loader and the ratio to the baseline; --json for scripts.
+Each round runs the baseline, then each loader; a loader's ratio is to the baseline of its own
+round, so other work on a shared machine moves both sides alike (--rounds repeats to show the
+spread). Prints samples/s per loader and the ratio; --json for scripts.
 """
 
 import argparse
@@ -71,14 +73,17 @@ def bench_hand_written(root: Path, res: int, batch_size: int, batches: int, warm
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--res", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--work", default="/tmp/depthseg-bench-loaders")
+    p.add_argument("--res", type=int, default=224, help="output side in pixels; the data is stored at 224 (default: 224)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
+    p.add_argument("--batches", type=int, default=30, help="timed batches per loader and round (default: 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (default: 3)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers / DALI threads (default: all cores)")
+    p.add_argument("--loaders", default="hand-written,dali,torch",
+                   help="comma-separated, run in this order each round; hand-written is the baseline (default: all three)")
+    p.add_argument("--rounds", type=int, default=1, help="baseline-then-loaders rounds, interleaved (default: 1)")
+    p.add_argument("--work", default="/tmp/depthseg-bench-loaders", help="data and shards are made here once (default: %(default)s)")
     p.add_argument("--rotate-interp", default="linear", choices=["linear", "nearest"], help="ours; the baseline: linear")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     a = p.parse_args()
     work = Path(a.work)
     data, shards = work / "data", work / "shards"
@@ -87,17 +92,26 @@ def main():
         subprocess.run([cli, "make-dataset", "--out", str(data), "--num-bg", "20", "--num-fg", "10", "--overwrite"], check=True)
         subprocess.run([cli, "shard", "--src", str(data), "--out", str(shards), "--overwrite"], check=True)
     kw = {"res": a.res, "batch_size": a.batch_size, "batches": a.batches, "warmup": a.warmup, "workers": a.workers}
-    results = [bench_hand_written(data, **kw)]
-    for name in ("dali", "torch"):
-        results.append(bench_loader(str(shards), name, rotate_interp=a.rotate_interp, **kw))
-    base = results[0]["samples_per_s"]
+    results = []
+    for r in range(a.rounds):
+        base = None
+        for name in a.loaders.split(","):
+            if name == "hand-written":
+                out = bench_hand_written(data, **kw)
+            else:
+                out = bench_loader(str(shards), name, rotate_interp=a.rotate_interp, **kw)
+            base = base or out["samples_per_s"]
+            results.append({**out, "round": r + 1, "vs_hand_written": round(out["samples_per_s"] / base, 2)})
     if a.json:
         print(json.dumps({"res": a.res, "cores": os.cpu_count(), "results": results}))
         return
     print(f"res {a.res}, batch {a.batch_size}, {a.workers} workers/threads, {os.cpu_count()} cores, full augmentation, "
           f"our rotation {a.rotate_interp}")
     for r in results:
-        print(f"{r['loader']:13s} {r['samples_per_s']:8,.1f} samples/s  {r['samples_per_s'] / base:5.2f}x hand-written")
+        print(f"round {r['round']}  {r['loader']:13s} {r['samples_per_s']:8,.1f} samples/s  {r['vs_hand_written']:5.2f}x hand-written")
+    for name in a.loaders.split(",")[1:]:
+        ratios = [r["vs_hand_written"] for r in results if r["loader"] == name]
+        print(f"{name}: {min(ratios):.2f}-{max(ratios):.2f}x hand-written over {len(ratios)} round(s)")
 
 
 if __name__ == "__main__":
