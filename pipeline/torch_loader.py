@@ -1,8 +1,9 @@
 """The torch loader: webdataset + torch DataLoader, the same contract and epoch rules as the DALI
 loader (see pipeline.loaders), for machines without DALI (AMD, Apple, CPU-only boxes).
 
-Workers decode with OpenCV, JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that still covers
-`res` (libjpeg-turbo skips most of the work), then an antialiased resize. Augmentation is the
+Workers decode JPEGs with simplejpeg (libjpeg-turbo) at the smallest DCT scale (n/8) that still
+covers `res`, so a 64 px epoch from 224 px JPEGs skips most of the decoding; then OpenCV's
+antialiased resize. Other formats (PNG) go through OpenCV. Augmentation is the
 field's libraries, with the `Augment` settings mapped onto their parameters:
 - CPU: albumentations, one sample at a time in the workers (OpenCV's SIMD kernels). The four
   images are targets of one geometric transform, so flips and rotation are drawn once per sample
@@ -15,16 +16,15 @@ Measurements behind these choices are in BENCHMARKS.md ("Torch loader on librari
 
 from __future__ import annotations
 
-import io
 import random
 
 import albumentations as A
 import cv2
 import numpy as np
+import simplejpeg
 import torch
 import webdataset as wds
 from albumentations.augmentations.pixel import functional as fpixel
-from PIL import Image
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from pipeline.augment import Augment
@@ -32,29 +32,21 @@ from pipeline.epoch import Plan, to_contract
 from pipeline.manifest import ROLES, LoaderError
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's
-# cv2.imdecode flags per DCT scale, (colour, grey): REDUCED_GRAYSCALE_n is the scale bit alone
-_READ = {n: (cv2.IMREAD_COLOR_RGB | g, g) for n, g in
-         {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-          8: cv2.IMREAD_REDUCED_GRAYSCALE_8}.items()}
+def decode_jpeg(data: bytes, gray: bool, res: int) -> np.ndarray:
+    """A JPEG decoded at the smallest of libjpeg-turbo's scales (n/8) that keeps both sides >= res:
+    e.g. 224 px at 3/8 (84 px) for res 64, at 5/8 (140 px) for res 128."""
+    img = simplejpeg.decode_jpeg(data, "GRAY" if gray else "RGB", min_height=res, min_width=res)
+    return img[..., 0] if gray else img
 
 
-def dct_scale(data: bytes, res: int) -> int:
-    """The largest JPEG scale-down (1, 2, 4 or 8) whose output still has both sides >= res; 1
-    for other formats. Reads the header only."""
-    if data[:2] != b"\xff\xd8":
-        return 1
-    side = min(Image.open(io.BytesIO(data)).size)
-    scale = 1
-    while scale < 8 and -(-side // (2 * scale)) >= res:  # libjpeg rounds the scaled size up
-        scale *= 2
-    return scale
-
-
-def decode_image(data: bytes, gray: bool, res: int, scale: int) -> np.ndarray:
+def decode_image(data: bytes, gray: bool, res: int) -> np.ndarray:
     """Encoded bytes → uint8 res×res×3 (RGB) or res×res (grey)."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), _READ[scale][gray])
-    if img is None:
-        raise ValueError("not a decodable image")
+    if data[:2] == b"\xff\xd8":
+        img = decode_jpeg(data, gray, res)
+    else:  # PNG and the rest: OpenCV
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR_RGB)
+        if img is None:
+            raise ValueError("not a decodable image")
     if img.shape[:2] != (res, res):  # INTER_AREA: the antialiased one for shrinking
         img = cv2.resize(img, (res, res), interpolation=cv2.INTER_AREA)
     return img
@@ -62,13 +54,12 @@ def decode_image(data: bytes, gray: bool, res: int, scale: int) -> np.ndarray:
 
 def decode_sample(sample: dict, res: int) -> dict[str, np.ndarray]:
     """A webdataset sample → {role: uint8 array at res×res}; a bad image is one sentence."""
-    out, scale = {}, None
+    out = {}
     for role in ROLES:
         data = sample.get(f"{role}.jpg", sample.get(f"{role}.png"))
         try:
-            scale = dct_scale(data, res) if scale is None else scale  # the four share a size (checked when sharding)
-            out[role] = decode_image(data, role in ("mask", "depth"), res, scale)
-        except Exception as e:  # OpenCV and PIL raise many types; None data (missing member) too
+            out[role] = decode_image(data, role in ("mask", "depth"), res)
+        except Exception as e:  # the decoders raise several types; None data (missing member) too
             shards = sample.get("__url__", "?").rsplit("/", 1)[0]
             raise LoaderError(f"could not decode {role} of sample {sample.get('__key__')} in {sample.get('__url__')} "
                               f"({e}); run `depthcli verify --decode {shards}`.") from None

@@ -24,19 +24,20 @@ def jpeg(size: int, gray: bool = False) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("res, scale", [(224, 1), (128, 1), (112, 2), (64, 2), (56, 4), (28, 8), (16, 8)])
-def test_jpeg_is_decoded_at_the_smallest_scale_that_covers_res(res, scale):
-    assert tl.dct_scale(jpeg(224), res) == scale
-    png = io.BytesIO()
-    Image.new("RGB", (224, 224)).save(png, "PNG")
-    assert tl.dct_scale(png.getvalue(), res) == 1  # only JPEG has DCT scaling
+@pytest.mark.parametrize("res, decoded", [(224, 224), (128, 140), (112, 112), (64, 84), (56, 56), (16, 28)])
+def test_jpeg_is_decoded_at_the_smallest_scale_that_covers_res(res, decoded):
+    assert tl.decode_jpeg(jpeg(224), False, res).shape == (decoded, decoded, 3)
+    assert tl.decode_jpeg(jpeg(224, gray=True), True, res).shape == (decoded, decoded)
 
 
 @pytest.mark.parametrize("gray", [False, True])
-def test_reduced_decode_matches_a_full_decode_and_resize(gray):
-    data = jpeg(224, gray)
-    full = np.asarray(Image.open(io.BytesIO(data)).convert("L" if gray else "RGB").resize((64, 64), Image.BOX))
-    got = tl.decode_image(data, gray, 64, tl.dct_scale(data, 64))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_reduced_decode_matches_a_full_decode_and_resize(gray, fmt):
+    img = Image.open(io.BytesIO(jpeg(224, gray)))
+    buf = io.BytesIO()
+    img.save(buf, fmt, quality=95)
+    full = np.asarray(img.resize((64, 64), Image.BOX))
+    got = tl.decode_image(buf.getvalue(), gray, 64)
     assert got.shape == full.shape and got.dtype == np.uint8
     assert np.abs(got.astype(int) - full).mean() < 2.0
 
