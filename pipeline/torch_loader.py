@@ -3,8 +3,8 @@ loader (see pipeline.loaders), for machines without DALI (AMD, Apple, CPU-only b
 
 Workers decode JPEGs with simplejpeg (libjpeg-turbo) at the smallest DCT scale (n/8) that still
 covers `res`, so a 64 px epoch from 224 px JPEGs skips most of the decoding; then OpenCV's
-antialiased resize. Other formats (PNG) go through OpenCV. Augmentation is the
-field's libraries, with the `Augment` settings mapped onto their parameters:
+antialiased resize; other formats (PNG) go through OpenCV. Augmentation is the field's
+libraries, with the `Augment` settings mapped onto their parameters:
 - CPU: albumentations, one sample at a time in the workers (OpenCV's SIMD kernels). The four
   images are targets of one geometric transform, so flips and rotation are drawn once per sample
   and labels rotate with nearest neighbour; colour, noise and dropout are a second transform,
@@ -32,6 +32,8 @@ from pipeline.epoch import Plan, to_contract
 from pipeline.manifest import ROLES, LoaderError
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's
+
+
 def decode_jpeg(data: bytes, gray: bool, res: int) -> np.ndarray:
     """A JPEG decoded at the smallest of libjpeg-turbo's scales (n/8) that keeps both sides >= res:
     e.g. 224 px at 3/8 (84 px) for res 64, at 5/8 (140 px) for res 128."""
