@@ -233,7 +233,7 @@ def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, 
 @click.option("--fp16", is_flag=True, help="Weights and activations in float16 inside (inputs and outputs stay float32): half the file; for GPUs, slower on a CPU.")
 @click.option("--opset", type=int, help="ONNX opset to write. (default: the exporter's)")
 @click.option("--shards", type=click.Path(), help="Shards whose val split the check runs on. (default: the checkpoint's own, if here; else random inputs)")
-@click.option("--check-samples", default=16, show_default=True, help="Samples the check compares.")
+@click.option("--check-samples", default=16, show_default=True, type=click.IntRange(1), help="Samples the check compares.")
 @user_errors
 def export_cmd(ckpt_path, out, res, dynamic, fp16, opset, shards, check_samples):
     """Export a checkpoint to ONNX (inputs bg, fg_bg: B×3×H×W float in [0, 1]; outputs mask,
