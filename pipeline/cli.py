@@ -212,15 +212,17 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
 @click.option("--batch-size", default=16, show_default=True, help="Pairs per model call.")
 @click.option("--workers", default=min(4, CPUS), show_default=True, help="Threads that read, resize and write images.")
 @click.option("--threads", default=0, help="CPU threads of the model (torch or onnxruntime). (default: the library's, all cores)")
+@click.option("--side/--no-side", default=True, show_default=True, help="Also write <name>_side.png (half the writing time).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @user_errors
-def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, threads, device):
+def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, threads, side, device):
     """Predict mask and depth for images of any size: writes <name>_mask.png and <name>_depth.png
-    at the input's size, and <name>_side.png (bg | fg_bg | mask | depth)."""
+    at the input's size, and <name>_side.png (bg | fg_bg | mask | depth). Pairs run in batches,
+    in PyTorch (--checkpoint) or onnxruntime (--onnx), while threads read and write images."""
     from train.predict import predict
 
     r = predict(ckpt_path, bg, fg_bg, out, device=_device(device), res=res, batch_size=batch_size,
-                workers=workers, onnx_path=onnx_path, threads=threads)
+                workers=workers, onnx_path=onnx_path, threads=threads, side=side)
     click.echo(f"predicted {r['pairs']} pair(s) into {out} in {r['seconds']:.1f} s ({r['pairs'] / r['seconds']:,.1f} pairs/s; "
                f"{r['runner']}, {r['res']}px, batch {r['batch_size']}), e.g. {r['written'][0]}")
 

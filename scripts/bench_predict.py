@@ -6,7 +6,8 @@ Makes --pairs synthetic pairs (--size JPEGs, like downscaled photos), a checkpoi
 weights (speed does not depend on the weights) and its ONNX export (float32, and --fp16), then
 runs train.predict.predict, the code behind `depthcli predict`, on every configuration: torch
 and onnx at batch 1 and 32, the fp16 file at 32, and "io only" (the same reads, resizes and
-writes with a model that returns zeros: the ceiling that reading and writing alone allow).
+writes with a model that returns zeros: the ceiling that reading and writing alone allow; and
+so without the side-by-side picture, --no-side).
 Configurations are interleaved round by round, so load from other processes on a shared machine
 falls on all of them alike; the report gives the median pairs/s over rounds and each one's ratio
 to torch at batch 1. --threads is the model's CPU threads (torch and onnxruntime alike).
@@ -90,6 +91,7 @@ def main() -> None:
         "onnx b32": ({"checkpoint_path": None, "onnx_path": str(root / "model.onnx")}, 32),
         "onnx fp16 b32": ({"checkpoint_path": None, "onnx_path": str(root / "model_fp16.onnx")}, 32),
         "io only b32": ({"checkpoint_path": str(ckpt)}, 32),
+        "io only b32 no side": ({"checkpoint_path": str(ckpt), "side": False}, 32),
     }
     real_runner = predict.runner
     rates: dict[str, list[float]] = {name: [] for name in configs}
@@ -99,7 +101,7 @@ def main() -> None:
             out = predict.predict(bg=str(bgs), fg_bg=str(scenes), out=str(root / "out"), device="cpu",
                                   batch_size=batch, workers=args.workers, threads=args.threads, **model_args)
             rates[name].append(out["pairs"] / out["seconds"])
-            print(f"round {r + 1} {name:14s} {rates[name][-1]:7.2f} pairs/s", file=sys.stderr)
+            print(f"round {r + 1} {name:20s} {rates[name][-1]:7.2f} pairs/s", file=sys.stderr)
     predict.runner = real_runner
 
     base = statistics.median(rates["torch b1"])
@@ -113,10 +115,10 @@ def main() -> None:
         return
     print(f"{args.pairs} pairs of {args.size[0]}x{args.size[1]} JPEGs at {args.res}px, {args.threads or 'default'} model "
           f"thread(s), {args.workers} io threads, median of {args.rounds} interleaved rounds")
-    print(f"{'config':16s}{'pairs/s':>9s}{'vs torch b1':>13s}   rounds")
+    print(f"{'config':21s}{'pairs/s':>9s}{'vs torch b1':>13s}   rounds")
     for name, values in rates.items():
         med = statistics.median(values)
-        print(f"{name:16s}{med:9.2f}{med / base:12.2f}x   " + " ".join(f"{v:.2f}" for v in values))
+        print(f"{name:21s}{med:9.2f}{med / base:12.2f}x   " + " ".join(f"{v:.2f}" for v in values))
 
 
 if __name__ == "__main__":

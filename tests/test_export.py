@@ -152,6 +152,9 @@ def test_predict_onnx_and_any_batch_size_write_the_same_files(exported, ckpt, im
     predict(["--checkpoint", str(ckpt), *pair, "--batch-size", "1"], tmp_path / "b1")
     predict(["--checkpoint", str(ckpt), *pair, "--batch-size", "3", "--workers", "3"], tmp_path / "b3")
     line = predict(["--onnx", str(onnx_path), *pair, "--batch-size", "4"], tmp_path / "onnx")
+    predict(["--onnx", str(onnx_path), *pair, "--no-side"], tmp_path / "no_side")
+    assert sorted(p.name for p in (tmp_path / "no_side").iterdir()) == sorted(
+        f"p{i}_{kind}.png" for i in range(5) for kind in ("mask", "depth"))
     assert line.startswith("predicted 5 pair(s)") and "onnxruntime CPUExecutionProvider, 32px, batch 4" in line
     ref = pngs(tmp_path / "b1")
     assert len(ref) == 15 and ref["p2_mask.png"].shape == (80, 33) and ref["p3_side.png"].shape == (72, 4 * 96, 3)
@@ -216,3 +219,10 @@ def test_bad_input_is_one_sentence(case, says, ckpt, exported, tmp_path, images)
     r = CliRunner().invoke(cli, args)
     assert says in one_line_error(r)
     assert not Path(out).exists()
+
+
+def test_check_runs_on_the_checkpoints_own_shards_when_none_are_given(small_shards):
+    batch, source = export.check_inputs(None, {"settings": {"shards": str(small_shards)}}, RES, 4)
+    assert source == f"4 val samples of {small_shards}" and batch["mask"].shape == (4, 1, RES, RES)
+    batch, source = export.check_inputs(None, {"settings": {"shards": "nowhere"}}, RES, 3)
+    assert source == "3 random inputs (no shards found)" and set(batch) == {"bg", "fg_bg"}

@@ -100,12 +100,15 @@ def load_pair(bg_path: Path, fg_path: Path, res: int) -> Loaded:
     return Loaded(fg_path, bg, fg_bg, _array(bg, res), _array(fg_bg, res))
 
 
-def save_pair(out_dir: Path, pair: Loaded, mask: np.ndarray, depth: np.ndarray) -> Path:
-    """<stem>_mask.png and <stem>_depth.png at the input's size, <stem>_side.png (bg | fg_bg | mask | depth)."""
+def save_pair(out_dir: Path, pair: Loaded, mask: np.ndarray, depth: np.ndarray, side: bool = True) -> Path:
+    """<stem>_mask.png and <stem>_depth.png at the input's size, and <stem>_side.png
+    (bg | fg_bg | mask | depth) if `side`: the widest PNG, as slow to write as all the rest."""
     stem = pair.fg_path.stem
     mask_img, depth_img = _to_image(mask, pair.fg_bg.size), _to_image(depth, pair.fg_bg.size)
     mask_img.save(out_dir / f"{stem}_mask.png")
     depth_img.save(out_dir / f"{stem}_depth.png")
+    if not side:
+        return out_dir / f"{stem}_mask.png"
     side_by_side(pair.bg, pair.fg_bg, mask_img, depth_img).save(out_dir / f"{stem}_side.png")
     return out_dir / f"{stem}_side.png"
 
@@ -152,11 +155,12 @@ def runner(checkpoint_path: str | None, onnx_path: str | None, device: str, res:
 
 
 def predict(checkpoint_path: str | None, bg: str, fg_bg: str, out: str, device: str = "cpu", res: int = 0,
-            batch_size: int = 16, workers: int = 2, onnx_path: str | None = None, threads: int = 0) -> dict:
+            batch_size: int = 16, workers: int = 2, onnx_path: str | None = None, threads: int = 0,
+            side: bool = True) -> dict:
     """Mask, depth and side-by-side pictures (see save_pair) for every pair into `out`, `batch_size`
     pairs a model call; `workers` threads decode and resize the next batches and write the last
     ones while the model runs; `threads` is the model's CPU threads (0: the library's default).
-    Returns {"written": side pictures, "pairs", "seconds", "runner", "res", "batch_size"}."""
+    Returns {"written": side pictures (masks without `side`), "pairs", "seconds", "runner", "res", "batch_size"}."""
     if batch_size < 1 or workers < 1:
         raise PredictError(f"--batch-size and --workers must be at least 1, got {batch_size} and {workers}.")
     todo = pairs(bg, fg_bg)
@@ -180,7 +184,7 @@ def predict(checkpoint_path: str | None, bg: str, fg_bg: str, out: str, device: 
                 if i + ahead < len(batches):
                     loading.append(submit(batches[i + ahead]))
                 mask, depth = run(np.stack([p.x_bg for p in loaded]), np.stack([p.x_fg_bg for p in loaded]))
-                saving.append([pool.submit(save_pair, out_dir, p, m, d) for p, m, d in zip(loaded, mask, depth)])
+                saving.append([pool.submit(save_pair, out_dir, p, m, d, side) for p, m, d in zip(loaded, mask, depth)])
                 while len(saving) > ahead or (saving and i == len(batches) - 1):
                     written += [f.result() for f in saving.popleft()]
                 bar.update(len(loaded))
