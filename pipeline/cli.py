@@ -25,7 +25,8 @@ CPUS = os.cpu_count() or 1
 def _train_errors() -> tuple:
     """The trainer's error types, when its modules are loaded (they import torch)."""
     found = []
-    for module, name in (("train.checkpoint", "CheckpointError"), ("train.predict", "PredictError")):
+    for module, name in (("train.checkpoint", "CheckpointError"), ("train.predict", "PredictError"),
+                         ("train.export", "ExportError")):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
     return tuple(found)
@@ -202,20 +203,51 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
 
 
 @main.command("predict")
-@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="A checkpoint from train/main.py.")
+@click.option("--checkpoint", "ckpt_path", type=click.Path(), help="A checkpoint from train/main.py (or give --onnx).")
+@click.option("--onnx", "onnx_path", type=click.Path(), help="A file from depthcli export, run in onnxruntime instead of PyTorch.")
 @click.option("--bg", required=True, type=click.Path(), help="Background image, or a folder of them.")
 @click.option("--fg-bg", required=True, type=click.Path(), help="The scene with the object, or a folder of them (paired by name).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--res", default=0, help="Resolution the model runs at. (default: the checkpoint's)")
+@click.option("--res", default=0, help="Resolution the model runs at. (default: the checkpoint's or the file's)")
+@click.option("--batch-size", default=16, show_default=True, help="Pairs per model call.")
+@click.option("--workers", default=min(4, CPUS), show_default=True, help="Threads that read, resize and write images.")
+@click.option("--threads", default=0, help="CPU threads of the model (torch or onnxruntime). (default: the library's, all cores)")
+@click.option("--side/--no-side", default=True, show_default=True, help="Also write <name>_side.png (half the writing time).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @user_errors
-def predict_cmd(ckpt_path, bg, fg_bg, out, res, device):
+def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, threads, side, device):
     """Predict mask and depth for images of any size: writes <name>_mask.png and <name>_depth.png
-    at the input's size, and <name>_side.png (bg | fg_bg | mask | depth)."""
+    at the input's size, and <name>_side.png (bg | fg_bg | mask | depth). Pairs run in batches,
+    in PyTorch (--checkpoint) or onnxruntime (--onnx), while threads read and write images."""
     from train.predict import predict
 
-    written = predict(ckpt_path, bg, fg_bg, out, device=_device(device), res=res)
-    click.echo(f"predicted {len(written)} pair(s) into {out}, e.g. {written[0]}")
+    r = predict(ckpt_path, bg, fg_bg, out, device=_device(device), res=res, batch_size=batch_size,
+                workers=workers, onnx_path=onnx_path, threads=threads, side=side)
+    click.echo(f"predicted {r['pairs']} pair(s) into {out} in {r['seconds']:.1f} s ({r['pairs'] / r['seconds']:,.1f} pairs/s; "
+               f"{r['runner']}, {r['res']}px, batch {r['batch_size']}), e.g. {r['written'][0]}")
+
+
+@main.command("export")
+@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="A checkpoint from train/main.py.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--res", default=0, help="Input height and width of the file. (default: the checkpoint's)")
+@click.option("--dynamic", is_flag=True, help="Dynamic height and width too (multiples of 4); the batch axis always is.")
+@click.option("--fp16", is_flag=True, help="Weights and activations in float16 inside (inputs and outputs stay float32): half the file; for GPUs, slower on a CPU.")
+@click.option("--opset", type=int, help="ONNX opset to write. (default: the exporter's)")
+@click.option("--shards", type=click.Path(), help="Shards whose val split the check runs on. (default: the checkpoint's own, if here; else random inputs)")
+@click.option("--check-samples", default=16, show_default=True, type=click.IntRange(1), help="Samples the check compares.")
+@user_errors
+def export_cmd(ckpt_path, out, res, dynamic, fp16, opset, shards, check_samples):
+    """Export a checkpoint to ONNX (inputs bg, fg_bg: B×3×H×W float in [0, 1]; outputs mask,
+    depth: B×1×H×W) with its resolution and training record in the metadata, then check that
+    onnxruntime on the CPU agrees with PyTorch; the file is written only if it does."""
+    from train.export import export
+
+    r = export(ckpt_path, out, res=res, dynamic=dynamic, fp16=fp16, opset=opset, shards=shards, samples=check_samples)
+    metric = "n/a (no targets)" if r["metric_diff"] != r["metric_diff"] else f"{r['metric_diff']:.1e}"
+    click.echo(f"exported {r['model']} to {r['out']} ({r['bytes'] / 1e6:.1f} MB, opset {r['opset']}, {r['res']}px, batch"
+               f"{', H, W' if r['dynamic'] else ''} dynamic{', fp16' if r['fp16'] else ''}); onnxruntime vs PyTorch on "
+               f"{r['source']}: max abs diff {r['max_abs_diff']:.1e}, metric diff {metric} (tolerance {r['tolerance']:.0e})")
 
 
 if __name__ == "__main__":

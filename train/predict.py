@@ -2,14 +2,21 @@
 input's size, and a side-by-side picture.
 
     depthcli predict --checkpoint runs/r224/best.pt --bg bg.jpg --fg-bg scene.jpg --out preds/
+    depthcli predict --onnx model.onnx --bg bgs/ --fg-bg scenes/ --out preds/ --batch-size 32
 
 --bg and --fg-bg may be files or folders: one bg for a folder of fg_bg images, or two folders
-paired by file name (stem).
+paired by file name (stem). Pairs run `--batch-size` at a time, in PyTorch (a checkpoint) or in
+onnxruntime (a file from `depthcli export`), with the same preprocessing and the same files out;
+a few threads decode and resize the next batches and write the finished ones meanwhile.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,21 +73,44 @@ def _open(path: Path) -> Image.Image:
         raise PredictError(f"{path} is not a readable image ({e}).") from None
 
 
-def _tensor(img: Image.Image, res: int) -> torch.Tensor:
-    arr = np.asarray(img.resize((res, res), Image.BILINEAR), dtype=np.float32) / 255
-    return torch.from_numpy(arr).permute(2, 0, 1)
+def _array(img: Image.Image, res: int) -> np.ndarray:
+    """3×res×res float32 in [0, 1]: what the model and the ONNX file take (README's example too)."""
+    return (np.asarray(img.resize((res, res), Image.BILINEAR), dtype=np.float32) / 255).transpose(2, 0, 1)
 
 
-@torch.no_grad()
-def predict_pair(model: torch.nn.Module, res: int, bg: Image.Image, fg_bg: Image.Image,
-                 device: torch.device | str = "cpu") -> tuple[Image.Image, Image.Image]:
-    """Mask and depth as greyscale images at fg_bg's size (the model runs at `res`)."""
+def _to_image(pred: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """One 1×H×W prediction in [0, 1] as a greyscale image of `size`."""
+    return Image.fromarray((np.clip(pred[0], 0, 1) * 255 + 0.5).astype(np.uint8)).resize(size, Image.BILINEAR)
+
+
+class Loaded(NamedTuple):
+    fg_path: Path
+    bg: Image.Image
+    fg_bg: Image.Image
+    x_bg: np.ndarray
+    x_fg_bg: np.ndarray
+
+
+def load_pair(bg_path: Path, fg_path: Path, res: int) -> Loaded:
+    """Decode, check and resize one pair (runs in a worker thread: PIL lets go of the GIL)."""
+    bg, fg_bg = _open(bg_path), _open(fg_path)
     if bg.size != fg_bg.size:
-        raise PredictError(f"bg is {bg.size[0]}x{bg.size[1]} but fg_bg is {fg_bg.size[0]}x{fg_bg.size[1]}; a pair must match.")
-    x = torch.cat([_tensor(bg, res), _tensor(fg_bg, res)], 0)[None].to(device)
-    mask, depth = model(x)
-    to_img = lambda t: Image.fromarray((t[0, 0].float().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))  # noqa: E731
-    return to_img(mask).resize(fg_bg.size, Image.BILINEAR), to_img(depth).resize(fg_bg.size, Image.BILINEAR)
+        raise PredictError(f"{fg_path.name}: bg is {bg.size[0]}x{bg.size[1]} but fg_bg is "
+                           f"{fg_bg.size[0]}x{fg_bg.size[1]}; a pair must match.")
+    return Loaded(fg_path, bg, fg_bg, _array(bg, res), _array(fg_bg, res))
+
+
+def save_pair(out_dir: Path, pair: Loaded, mask: np.ndarray, depth: np.ndarray, side: bool = True) -> Path:
+    """<stem>_mask.png and <stem>_depth.png at the input's size, and <stem>_side.png
+    (bg | fg_bg | mask | depth) if `side`: the widest PNG, as slow to write as all the rest."""
+    stem = pair.fg_path.stem
+    mask_img, depth_img = _to_image(mask, pair.fg_bg.size), _to_image(depth, pair.fg_bg.size)
+    mask_img.save(out_dir / f"{stem}_mask.png")
+    depth_img.save(out_dir / f"{stem}_depth.png")
+    if not side:
+        return out_dir / f"{stem}_mask.png"
+    side_by_side(pair.bg, pair.fg_bg, mask_img, depth_img).save(out_dir / f"{stem}_side.png")
+    return out_dir / f"{stem}_side.png"
 
 
 def side_by_side(*images: Image.Image) -> Image.Image:
@@ -91,24 +121,75 @@ def side_by_side(*images: Image.Image) -> Image.Image:
     return out
 
 
-def predict(checkpoint_path: str, bg: str, fg_bg: str, out: str, device: str = "cpu", res: int = 0) -> list[Path]:
-    """Write <stem>_mask.png, <stem>_depth.png and <stem>_side.png (bg | fg_bg | mask | depth) per
-    pair into `out`; returns the side-by-side pictures."""
+class TorchRunner:
+    """The checkpoint's model in PyTorch: (bg, fg_bg) arrays B×3×H×W to (mask, depth) B×1×H×W."""
+
+    def __init__(self, checkpoint_path: str, device: str = "cpu"):
+        ckpt = checkpoint.load(checkpoint_path)
+        self.model, self.device, self.res = checkpoint.load_model(ckpt, device), device, ckpt["res"]
+        self.name = f"torch on {device}"
+
+    @torch.inference_mode()
+    def __call__(self, bg: np.ndarray, fg_bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.concatenate([bg, fg_bg], 1)).to(self.device)
+        return tuple(t.float().cpu().numpy() for t in self.model(x))
+
+
+def runner(checkpoint_path: str | None, onnx_path: str | None, device: str, res: int, threads: int = 0):
+    """The model to run and its resolution: a checkpoint in PyTorch, or an exported file in onnxruntime."""
+    if bool(checkpoint_path) == bool(onnx_path):
+        raise PredictError("give either --checkpoint or --onnx (one of them).")
+    if onnx_path:
+        from train.export import OnnxRunner
+
+        run = OnnxRunner(onnx_path, device, threads)
+        if res and res != run.res and not run.dynamic_hw:
+            raise PredictError(f"{onnx_path} was exported for {run.res}x{run.res} inputs (no --dynamic); "
+                               f"--res {res} cannot run on it.")
+    else:
+        run = TorchRunner(checkpoint_path, device)
+    res = res or run.res
+    if res % 4 or res < 16:
+        raise PredictError(f"--res must be a multiple of 4 and at least 16, got {res}.")
+    return run, res
+
+
+def predict(checkpoint_path: str | None, bg: str, fg_bg: str, out: str, device: str = "cpu", res: int = 0,
+            batch_size: int = 16, workers: int = 2, onnx_path: str | None = None, threads: int = 0,
+            side: bool = True) -> dict:
+    """Mask, depth and side-by-side pictures (see save_pair) for every pair into `out`, `batch_size`
+    pairs a model call; `workers` threads decode and resize the next batches and write the last
+    ones while the model runs; `threads` is the model's CPU threads (0: the library's default).
+    Returns {"written": side pictures (masks without `side`), "pairs", "seconds", "runner", "res", "batch_size"}."""
+    if batch_size < 1 or workers < 1:
+        raise PredictError(f"--batch-size and --workers must be at least 1, got {batch_size} and {workers}.")
     todo = pairs(bg, fg_bg)
-    ckpt = checkpoint.load(checkpoint_path)
-    model = checkpoint.load_model(ckpt, device)
-    res = res or ckpt["res"]
+    run, res = runner(checkpoint_path, onnx_path, device, res, threads)
+    torch_threads = torch.get_num_threads()
+    if threads and not onnx_path:
+        torch.set_num_threads(threads)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for bg_path, fg_path in tqdm(todo, desc="predict", unit="pair", disable=len(todo) < 2):
-        bg_img, fg_img = _open(bg_path), _open(fg_path)
-        try:
-            mask, depth = predict_pair(model, res, bg_img, fg_img, device)
-        except PredictError as e:
-            raise PredictError(f"{fg_path.name}: {e}") from None
-        mask.save(out_dir / f"{fg_path.stem}_mask.png")
-        depth.save(out_dir / f"{fg_path.stem}_depth.png")
-        side_by_side(bg_img, fg_img, mask, depth).save(out_dir / f"{fg_path.stem}_side.png")
-        written.append(out_dir / f"{fg_path.stem}_side.png")
-    return written
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    ahead = 2  # batches read ahead and batches being written: enough to keep the model busy
+    written: list[Path] = []
+    t0 = time.perf_counter()
+    pool = ThreadPoolExecutor(workers)
+    try:
+        submit = lambda batch: [pool.submit(load_pair, b, f, res) for b, f in batch]  # noqa: E731
+        loading, saving = deque(submit(b) for b in batches[:ahead]), deque()
+        with tqdm(total=len(todo), desc="predict", unit="pair", disable=len(todo) < 2) as bar:
+            for i in range(len(batches)):
+                loaded = [f.result() for f in loading.popleft()]
+                if i + ahead < len(batches):
+                    loading.append(submit(batches[i + ahead]))
+                mask, depth = run(np.stack([p.x_bg for p in loaded]), np.stack([p.x_fg_bg for p in loaded]))
+                saving.append([pool.submit(save_pair, out_dir, p, m, d, side) for p, m, d in zip(loaded, mask, depth)])
+                while len(saving) > ahead or (saving and i == len(batches) - 1):
+                    written += [f.result() for f in saving.popleft()]
+                bar.update(len(loaded))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error: drop the reads not started
+        torch.set_num_threads(torch_threads)
+    return {"written": written, "pairs": len(todo), "seconds": time.perf_counter() - t0, "runner": run.name,
+            "res": res, "batch_size": batch_size}
