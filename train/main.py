@@ -366,22 +366,23 @@ def _epochs(run: Run, model, train_loader, val_loader, writer, stop: StopRequest
     return 0
 
 
+def fail(e: Exception, rank: int, world: int) -> int:
+    """Every rank says its own error, named by rank in a world of several: one that only rank 0
+    told would leave a failing rank 1 silent (torchrun then just reports its exit code)."""
+    print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr, flush=True)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         s = settings_from(argv)
         ctx = setup(s.device)
     except (TrainingError, checkpoint.CheckpointError, RuntimeError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(e, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     try:
         return train(s, ctx)
-    except (TrainingError, ManifestError, checkpoint.CheckpointError, ValueError) as e:
-        print0(ctx, f"error: {e}", file=sys.stderr)  # the same on every rank: say it once
-        return 1
-    except LoaderError as e:  # data errors can be one rank's own
-        print(f"error{f' (rank {ctx.rank})' if ctx.world_size > 1 else ''}: {e}", file=sys.stderr, flush=True)
-        return 1
+    except (TrainingError, ManifestError, checkpoint.CheckpointError, ValueError, LoaderError) as e:
+        return fail(e, ctx.rank, ctx.world_size)
     finally:
         cleanup()
 
