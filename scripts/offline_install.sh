@@ -36,7 +36,8 @@ echo "joined and checked $parts part(s): $(ls "$wheels" | wc -l) wheels"
 other=$("$py" - "$wheels" <<'EOF'
 import importlib.metadata as md, pathlib, sys
 mine = {w.name.split("-")[0].replace("_", "-") for w in pathlib.Path(sys.argv[1]).glob("nvidia_dali_*.whl")}
-print(" ".join(sorted({d.metadata["Name"] for d in md.distributions() if (d.metadata["Name"] or "").startswith("nvidia-dali-")} - mine)))
+installed = {d.metadata["Name"] for d in md.distributions() if (d.metadata["Name"] or "").startswith("nvidia-dali-")}
+print(" ".join(sorted(installed - mine)) if mine else "")
 EOF
 )
 [ -z "$other" ] || fail "$other is installed and the bundle brings $(cd "$wheels" && ls nvidia_dali_* | cut -d- -f1); two DALIs break each other: pip uninstall $other first."

@@ -14,6 +14,7 @@ loss stops the run with one sentence and keeps the last good checkpoint.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -164,7 +165,9 @@ class Run:
         if self.ctx.world_size > 1:
             # No buffer broadcast each step (a collective per forward): validate() broadcasts
             # rank 0's BatchNorm statistics before they are used or saved.
-            model = DDP(model, device_ids=[self.ctx.local_rank] if self.gpu else None, broadcast_buffers=False)
+            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+                else {"broadcast_buffers": False}  # renamed in torch 2.13
+            model = DDP(model, device_ids=[self.ctx.local_rank] if self.gpu else None, **no_sync)
         return model
 
     def state(self) -> dict:
