@@ -344,6 +344,8 @@ def write_report(out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
+    # The project need not be pip-installed: every step (and the tests' own subprocesses) finds it here.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     if a.report:
         report = write_report(a.out)
         print(f"gpu_check: report of {len(report['stages'])} stage(s) in {a.out / 'gpu_check.md'}")

@@ -4,6 +4,7 @@ size hint, the offline install's join/verify/import check, and gpu_check's argum
 and report. The GPU tests at the end run on a GPU machine (scripts/gpu_check.sh --stage tests)."""
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -14,7 +15,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import pytorch_msssim  # noqa: F401 (its module ssim, below)
 import torch
 
 from train import dist
@@ -75,7 +75,7 @@ def test_an_error_after_setup_is_said_by_the_rank_that_has_it(monkeypatch, capsy
 def test_loss_constants_are_made_once_per_device(monkeypatch):
     pred, target = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     reference = head_loss(pred, target, LossWeights(w_edge=0))  # pytorch-msssim's own window
-    monkeypatch.setattr(sys.modules["pytorch_msssim.ssim"], "_fspecial_gauss_1d", lambda *a: pytest.fail("SSIM window made per call"))
+    monkeypatch.setattr(importlib.import_module("pytorch_msssim.ssim"), "_fspecial_gauss_1d", lambda *a: pytest.fail("SSIM window made per call"))
     assert _kernels(pred.device, pred.dtype) is _kernels(pred.device, pred.dtype)
     assert torch.equal(head_loss(pred, target, LossWeights(w_edge=0)), reference)
     head_loss(pred, target, LossWeights(), bce=True)
