@@ -25,10 +25,10 @@ def _sync(device: str) -> None:
 
 def bench_loader(shards: str, loader: str, device: str = "cpu", res: int = 224, batch_size: int = 64,
                  batches: int = 50, warmup: int = 5, workers: int | None = None, augment: bool = True,
-                 rotate_interp: str = "linear") -> dict:
+                 rotate_interp: str = "linear", hw_decoder_load: float | None = None) -> dict:
     aug = Augment(rotate_interp=rotate_interp) if augment else Augment.off()
     it = build_loader(shards, split="train", res=res, batch_size=batch_size, loader=loader, device=device,
-                      augment=aug, workers=workers)
+                      augment=aug, workers=workers, hw_decoder_load=hw_decoder_load if loader == "dali" else None)
     stream = itertools.chain.from_iterable(iter(it) for _ in itertools.count())  # epochs back to back
     for _ in range(warmup):
         next(stream)
@@ -43,4 +43,15 @@ def bench_loader(shards: str, loader: str, device: str = "cpu", res: int = 224, 
     n = batches * batch_size
     return {"loader": loader, "device": device, "res": res, "batch_size": batch_size, "batches": batches,
             "augment": augment, "rotate_interp": rotate_interp, "seconds": round(seconds, 3), "samples_per_s": round(n / seconds, 1),
-            "images_per_s": round(4 * n / seconds, 1)}
+            "images_per_s": round(4 * n / seconds, 1), "hw_decoder_load": hw_decoder_load,
+            **gpu_memory(device)}
+
+
+def gpu_memory(device: str) -> dict:
+    """torch's peak allocation and, beside it, the device memory torch does not hold: DALI's pool
+    and nvJPEG's buffers (and the CUDA context); {} on the CPU."""
+    if not device.startswith("cuda"):
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"gpu_peak_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 3),
+            "gpu_other_gb": round((total - free - torch.cuda.memory_reserved(device)) / 1e9, 3)}

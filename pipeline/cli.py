@@ -148,6 +148,7 @@ def _device(name: str) -> str:
 @click.option("--augment/--no-augment", default=True, show_default=True, help="Full training augmentation, or decode and resize only.")
 @click.option("--rotate-interp", type=click.Choice(["linear", "nearest"]), default="linear", show_default=True,
               help="Interpolation of bg and fg_bg when rotated (mask and depth: always nearest).")
+@click.option("--hw-decoder-load", type=click.FloatRange(0, 1), help="dali on a GPU: share of JPEGs for the hardware decoder. (default: 0.9)")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per loader, for scripts.")
 @user_errors
 def bench_cmd(loader, as_json, **kw):
@@ -164,7 +165,9 @@ def bench_cmd(loader, as_json, **kw):
         click.echo(json.dumps(r) if as_json else
                    f"{r['loader']:5s} {r['device']:6s} res {r['res']} batch {r['batch_size']}"
                    f"{'' if r['augment'] else ' (no augmentation)'}: {r['samples_per_s']:,.0f} samples/s, "
-                   f"{r['images_per_s']:,.0f} images/s")
+                   f"{r['images_per_s']:,.0f} images/s"
+                   + (f"; GPU memory: torch peak {r['gpu_peak_gb']:.1f} GB, DALI and the rest {r['gpu_other_gb']:.1f} GB"
+                      if "gpu_peak_gb" in r else ""))
     if len(results) == 2 and not as_json:
         click.echo(f"dali / torch = {results[0]['samples_per_s'] / results[1]['samples_per_s']:.2f}")
 

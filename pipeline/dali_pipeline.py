@@ -10,6 +10,7 @@ on the samples that drew it. Costs per op on the CPU are in BENCHMARKS.md.
 
 from __future__ import annotations
 
+import tarfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -20,12 +21,16 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
+from PIL import Image
 
 from pipeline.augment import Augment
 from pipeline.epoch import Plan, to_contract
 from pipeline.manifest import ROLES, LoaderError
 
 READER = "Reader"
+# Share of JPEGs the mixed decoder gives the GPU's hardware JPEG engines (A100, H100); the rest
+# are Huffman-decoded on CPU threads. DALI's default is 0.65; scripts/gpu_check.sh sweeps it.
+HW_DECODER_LOAD = 0.9
 SHUFFLE_BUFFER = 1024  # shards are shuffled when packed; this mixes neighbouring shards too
 
 
@@ -128,15 +133,19 @@ def _photometric(img, d: dict, aug: Augment, bank, res: int):
 
 
 @pipeline_def(enable_conditionals=True)
-def depthseg_pipeline(plan: Plan, res: int, aug: Augment, gpu: bool):
-    """Shards → bg (3), fg_bg (3), labels (mask and depth, 2): float CHW in [0, 1]."""
+def depthseg_pipeline(plan: Plan, res: int, aug: Augment, gpu: bool, hw_decoder_load: float = HW_DECODER_LOAD,
+                      size_hint: tuple[int, int] = (0, 0)):
+    """Shards → bg (3), fg_bg (3), labels (mask and depth, 2): float CHW in [0, 1]. On the GPU,
+    size_hint (width, height of the stored images) lets the hardware decoder allocate once."""
     raw = fn.readers.webdataset(
         paths=plan.tars, index_paths=plan.indexes, ext=[f"{r}.jpg;{r}.png" for r in ROLES],
         missing_component_behavior="error", name=READER, shard_id=plan.rank, num_shards=plan.world_size,
         random_shuffle=plan.train, initial_fill=SHUFFLE_BUFFER, stick_to_shard=not plan.train,
         pad_last_batch=not plan.train)
     device = "mixed" if gpu else "cpu"
-    bg, fg_bg, mask, depth = [fn.decoders.image(r, device=device, output_type=types.RGB if i < 2 else types.GRAY)
+    hw = {"hw_decoder_load": hw_decoder_load, "preallocate_width_hint": size_hint[0],
+          "preallocate_height_hint": size_hint[1]} if gpu else {}
+    bg, fg_bg, mask, depth = [fn.decoders.image(r, device=device, output_type=types.RGB if i < 2 else types.GRAY, **hw)
                               for i, r in enumerate(raw)]
     images = _resize([bg, fg_bg, fn.cat(mask, depth, axis=2)], res, gpu)  # labels share every op
     if plan.train:
@@ -150,6 +159,18 @@ def depthseg_pipeline(plan: Plan, res: int, aug: Augment, gpu: bool):
             images[1] = _photometric(images[1], second, aug, bank, res)
     return tuple(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
                  for x in images)
+
+
+def stored_size(plan: Plan) -> tuple[int, int]:
+    """(width, height) of the first sample's fg_bg, read from its header; (0, 0) if unreadable.
+    The four images of a sample share a size, and a set usually has one size throughout."""
+    try:
+        with tarfile.open(plan.tars[0]) as tar:
+            member = next(m for m in tar if ".fg_bg." in m.name)
+            with Image.open(tar.extractfile(member)) as img:
+                return img.size
+    except (OSError, StopIteration, tarfile.TarError):
+        return (0, 0)
 
 
 @contextmanager
@@ -170,12 +191,14 @@ def dali_errors(plan: Plan):
 class DaliLoader:
     """The batch contract over a DALI pipeline; see pipeline.loaders for the epoch rules."""
 
-    def __init__(self, plan: Plan, res: int, aug: Augment, device: str, seed: int, threads: int):
+    def __init__(self, plan: Plan, res: int, aug: Augment, device: str, seed: int, threads: int,
+                 hw_decoder_load: float = HW_DECODER_LOAD):
         self.plan = plan
         gpu = device.startswith("cuda")
         device_id = (torch.device(device).index or 0) if gpu else None
+        hints = {"hw_decoder_load": hw_decoder_load, "size_hint": stored_size(plan)} if gpu else {}
         # Different augmentation per rank; the reader's sharding does not depend on the seed.
-        pipe = depthseg_pipeline(plan, res, aug, gpu, batch_size=plan.batch_size, num_threads=threads,
+        pipe = depthseg_pipeline(plan, res, aug, gpu, **hints, batch_size=plan.batch_size, num_threads=threads,
                                  device_id=device_id, seed=seed * 1000 + plan.rank, prefetch_queue_depth=2)
         self.device = torch.device(device)
         policy = LastBatchPolicy.DROP if plan.train else LastBatchPolicy.FILL

@@ -18,19 +18,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(loader: str, a, out: Path) -> float:
+def train_rate(loader: str, out: Path, shards: str, res: int, batch_size: int, steps: int, log_every: int = 5,
+               ranks: int = 1, device: str = "cpu", train_args: list[str] = (), timeout: float | None = None) -> dict:
+    """One train/main.py run under torchrun: samples/s of all ranks together after the first
+    logged interval, and the last logged GPU memory figures. Raises RuntimeError with the end
+    of the run's output if it fails."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks), str(ROOT / "train" / "main.py"),
-           "--shards", a.shards, "--out", str(out), "--loader", loader, "--res", str(a.res), "--batch-size", str(a.batch_size),
-           "--max-steps", str(a.steps), "--log-every", str(a.log_every), "--epochs", "1000", "--device", a.device,
-           *a.train_args.split()]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // a.ranks))})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), str(ROOT / "train" / "main.py"),
+           "--shards", shards, "--out", str(out), "--loader", loader, "--res", str(res), "--batch-size", str(batch_size),
+           "--max-steps", str(steps), "--log-every", str(log_every), "--epochs", "1000", "--device", device,
+           "--vis-samples", "0", *train_args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
+    try:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{loader} at {res}px ran past {timeout:.0f} s") from None
+    if done.returncode:
+        raise RuntimeError(f"{loader} at {res}px exited {done.returncode}: {done.stdout[-600:]}")
     logged = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
-    if "gpu_peak_gb" in logged[-1]:
-        print(f"{loader}: peak GPU memory {logged[-1]['gpu_peak_gb']:.1f} GB")
-    rates = [r["samples_per_s"] for r in logged[1:]]
-    return sum(rates) / len(rates)
+    rates = [r["samples_per_s"] for r in logged[1:]] or [logged[-1]["samples_per_s"]]
+    memory = {k: logged[-1][k] for k in ("gpu_peak_gb", "gpu_other_gb") if k in logged[-1]}
+    return {"samples_per_s": round(sum(rates) / len(rates), 1), **memory}
+
+
+def run(loader: str, a, out: Path) -> float:
+    r = train_rate(loader, out, a.shards, a.res, a.batch_size, a.steps, a.log_every, a.ranks, a.device, a.train_args.split())
+    if "gpu_peak_gb" in r:
+        print(f"{loader}: peak GPU memory {r['gpu_peak_gb']:.1f} GB (torch), {r['gpu_other_gb']:.1f} GB beside it (DALI, CUDA)")
+    return r["samples_per_s"]
 
 
 def main():

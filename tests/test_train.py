@@ -23,7 +23,8 @@ from train.main import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-FAST = ["--res", "32", "--batch-size", "4", "--log-every", "2", "--workers", "1"]
+# --device cpu: these tests mean the CPU (gloo, 2 ranks), also on a machine with one GPU.
+FAST = ["--res", "32", "--batch-size", "4", "--log-every", "2", "--workers", "1", "--device", "cpu"]
 
 
 def torchrun(shards, out, *args, **popen):
@@ -184,7 +185,8 @@ def test_sigkill_then_resume_from_the_last_periodic_checkpoint(exact_shards, tmp
     proc.communicate(timeout=60)
     saved = torch.load(out / "last.pt")
     # One process now (resume across world sizes), and the run's own settings (res 32, batch 4).
-    code = train_main(["--shards", str(exact_shards), "--out", str(out), "--resume", "--max-steps", str(saved["step"] + 2)])
+    code = train_main(["--shards", str(exact_shards), "--out", str(out), "--resume", "--max-steps", str(saved["step"] + 2),
+                       "--device", "cpu"])
     assert code == 0
     resumed = torch.load(out / "last.pt")
     assert (resumed["step"], resumed["res"], resumed["settings"]["batch_size"]) == (saved["step"] + 2, 32, 4)
@@ -202,7 +204,7 @@ def test_init_across_resolutions(exact_shards, tmp_path):
     assert train_main(["--shards", str(exact_shards), "--out", str(low), *FAST, "--max-steps", "2"]) == 0
     high = tmp_path / "r48"
     args = ["--shards", str(exact_shards), "--out", str(high), "--res", "48", "--batch-size", "4", "--workers", "1",
-            "--init", str(low / "last.pt"), "--lr", "0", "--max-steps", "1", "--log-every", "1"]
+            "--init", str(low / "last.pt"), "--lr", "0", "--max-steps", "1", "--log-every", "1", "--device", "cpu"]
     assert train_main(args) == 0
     a, b = torch.load(low / "last.pt"), torch.load(high / "last.pt")
     assert b["res"] == 48 and b["step"] == 1
@@ -210,7 +212,7 @@ def test_init_across_resolutions(exact_shards, tmp_path):
     assert len(weights) > 50
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in weights)  # lr 0: the init's weights
     fresh = tmp_path / "fresh"
-    assert train_main(args[:8] + ["--lr", "0", "--max-steps", "1", "--out", str(fresh)]) == 0
+    assert train_main(args[:8] + ["--lr", "0", "--max-steps", "1", "--out", str(fresh), "--device", "cpu"]) == 0
     c = torch.load(fresh / "last.pt")
     assert not all(torch.equal(a["state_dict"][k], c["state_dict"][k]) for k in weights)
 
@@ -218,7 +220,7 @@ def test_init_across_resolutions(exact_shards, tmp_path):
 def test_a_short_run_really_learns(exact_shards, tmp_path):
     out = tmp_path / "learn"
     assert train_main(["--shards", str(exact_shards), "--out", str(out), "--res", "32", "--batch-size", "8",
-                       "--epochs", "15", "--lr", "2e-3", "--log-every", "4", "--workers", "2"]) == 0
+                       "--epochs", "15", "--lr", "2e-3", "--log-every", "4", "--workers", "2", "--device", "cpu"]) == 0
     first, last = records(out, "val")[0], records(out, "val")[-1]
     # All background would score IoU 0; the rectangles are found.
     assert last["mask_iou"] > 0.6 and last["mask_iou"] > first["mask_iou"] + 0.3
@@ -227,7 +229,7 @@ def test_a_short_run_really_learns(exact_shards, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(exact_shards, tmp_path, capsys):
     out = tmp_path / "nan"
-    code = train_main(["--shards", str(exact_shards), "--out", str(out), *FAST[:4], "--workers", "1",
+    code = train_main(["--shards", str(exact_shards), "--out", str(out), *FAST[:4], "--workers", "1", "--device", "cpu",
                        "--lr", "1e12", "--log-every", "1", "--ckpt-every", "1", "--epochs", "50"])
     err = capsys.readouterr().err
     assert code == 1
@@ -245,7 +247,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(exact_shards, 
     (["--shards", "/nonexistent"], "/nonexistent does not exist"),
 ])
 def test_bad_settings_are_one_sentence(exact_shards, tmp_path, capsys, args, says):
-    base = ["--shards", str(exact_shards), "--out", str(tmp_path / "o"), "--workers", "1"]
+    base = ["--shards", str(exact_shards), "--out", str(tmp_path / "o"), "--workers", "1", "--device", "cpu"]
     assert train_main(base + args) == 1
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and err.count("\n") == 1
@@ -253,7 +255,7 @@ def test_bad_settings_are_one_sentence(exact_shards, tmp_path, capsys, args, say
 
 def test_existing_run_needs_resume(trained, exact_shards, capsys):
     out, _ = trained
-    assert train_main(["--shards", str(exact_shards), "--out", str(out)]) == 1
+    assert train_main(["--shards", str(exact_shards), "--out", str(out), "--device", "cpu"]) == 1
     assert "already holds a run; pass --resume" in capsys.readouterr().err
 
 

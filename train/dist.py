@@ -36,12 +36,23 @@ def setup(device: str = "auto") -> DistContext:
         raise RuntimeError("--device cuda was asked for, but no GPU is available.")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        check_gpus(local, int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), torch.cuda.device_count())
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return DistContext(rank, local, world, dev)
+
+
+def check_gpus(local_rank: int, local_world: int, gpus: int) -> None:
+    """One GPU per local rank. Checked on every rank before joining the group: a rank that asked
+    for a missing GPU would fail alone ("invalid device ordinal") while the others wait in
+    init_process_group until torchrun's timeout."""
+    if max(local_world, local_rank + 1) > gpus:
+        raise RuntimeError(f"{max(local_world, local_rank + 1)} ranks on this machine but {gpus} GPU(s): "
+                           f"start at most {gpus} (torchrun --nproc_per_node {gpus}), or pass --device cpu.")
 
 
 def cleanup() -> None:

@@ -8,6 +8,7 @@ mask head; total = mask + depth.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,17 @@ from pytorch_msssim import ssim
 # term is then in the same units as L1 and w_edge = 1 weighs them alike.
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
 _SOBEL_Y = _SOBEL_X.t()
+SSIM_WIN, SSIM_SIGMA = 11, 1.5  # pytorch-msssim's defaults
+
+
+@lru_cache(maxsize=8)
+def _kernels(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sobel x, Sobel y and SSIM's 1-D Gaussian window, made once per device and dtype: a
+    host-to-device copy on every call would be a stream synchronization on every step."""
+    coords = torch.arange(SSIM_WIN, dtype=torch.float) - SSIM_WIN // 2
+    g = torch.exp(-(coords ** 2) / (2 * SSIM_SIGMA ** 2))
+    win = (g / g.sum()).view(1, 1, 1, SSIM_WIN)  # as pytorch_msssim builds it, for one channel
+    return tuple(k.to(device, dtype) for k in (_SOBEL_X.view(1, 1, 3, 3), _SOBEL_Y.reshape(1, 1, 3, 3), win))
 
 
 @dataclass
@@ -45,8 +57,7 @@ def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Horizontal and vertical gradients of B×1×H×W maps. Replicate padding: a map that is flat
     at its border has zero gradient there, instead of a false edge against zero padding."""
     x = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    kx = _SOBEL_X.to(x.device, x.dtype).view(1, 1, 3, 3)
-    ky = _SOBEL_Y.to(x.device, x.dtype).view(1, 1, 3, 3)
+    kx, ky, _ = _kernels(x.device, x.dtype)
     return F.conv2d(x, kx), F.conv2d(x, ky)
 
 
@@ -73,7 +84,8 @@ def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights, bc
         pred, target = pred.float(), target.float()
         loss = weights.w_l1 * (pred - target).abs().mean()
         if weights.w_ssim:
-            loss = loss + weights.w_ssim * (1 - ssim(pred, target, data_range=1.0, size_average=True))
+            loss = loss + weights.w_ssim * (1 - ssim(pred, target, data_range=1.0, size_average=True,
+                                                           win=_kernels(pred.device, pred.dtype)[2]))
         if weights.w_edge:
             loss = loss + weights.w_edge * edge_loss(pred, target)
         if bce and weights.w_bce:

@@ -14,6 +14,7 @@ loss stops the run with one sentence and keeps the last good checkpoint.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from pipeline.augment import Augment
+from pipeline.bench import gpu_memory
 from pipeline.loaders import build_loader
 from pipeline.manifest import LoaderError, ManifestError
 from train import checkpoint
@@ -45,6 +47,10 @@ from train.model import MODELS, build_model
 from train.visualize import save_grid
 
 DEFAULT_BATCH = {64: 64, 128: 64, 224: 16}  # the reference's; raise them on a big GPU
+# On a GPU (sized for 80 GB, bf16): batch 16 at 224 px would need 156 launch-bound steps/s for
+# 2,500 samples/s. Activations kept for backward are about 37, 131 and 387 MB a sample in
+# float32 at 64, 128 and 224 px (saved-tensor hooks on the CPU); scripts/gpu_check.sh reports the peak.
+GPU_BATCH = {64: 1024, 128: 256, 224: 128}
 
 
 @dataclass
@@ -55,7 +61,7 @@ class TrainSettings:
     out: str = field(default="runs/depthseg", metadata={"help": "run folder: checkpoints, logs, pictures"})
     res: int = field(default=224, metadata={"help": "square training resolution, a multiple of 4"})
     epochs: int = field(default=5, metadata={"help": "epochs to train"})
-    batch_size: int = field(default=0, metadata={"help": "per rank; 0 = the reference's for --res (64 at 64 and 128, 16 at 224)"})
+    batch_size: int = field(default=0, metadata={"help": "per rank; 0 = by --res: on the CPU the reference's (64 at 64 and 128, 16 at 224), on a GPU 1024, 256, 128"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay"})
     lr_step: int = field(default=2, metadata={"help": "StepLR: epochs between learning-rate drops"})
@@ -69,6 +75,7 @@ class TrainSettings:
     loader: str = field(default="dali", metadata={"help": "dali, torch, or synthetic (random tensors: the model alone)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
     workers: int = field(default=0, metadata={"help": "loader threads (dali) or processes (torch) per rank; 0 = cores / ranks"})
+    hw_decoder_load: float = field(default=-1.0, metadata={"help": "dali on a GPU: share of JPEGs for the hardware decoder; -1 = the loader's default (0.9)"})
     augment: bool = field(default=True, metadata={"help": "the reference's training augmentation"})
     rotate_interp: str = field(default="linear", metadata={"help": "rotation of bg and fg_bg: linear or nearest"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU"})
@@ -83,7 +90,11 @@ class TrainSettings:
     vis_samples: int = field(default=4, metadata={"help": "validation samples in each epoch's picture"})
 
     def batch(self) -> int:
-        return self.batch_size or DEFAULT_BATCH.get(self.res, 16 if self.res > 128 else 64)
+        if self.batch_size:
+            return self.batch_size
+        if self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available()):
+            return GPU_BATCH.get(self.res, 128 if self.res > 128 else 256)
+        return DEFAULT_BATCH.get(self.res, 16 if self.res > 128 else 64)
 
 
 class NonFiniteLoss(Exception):
@@ -96,7 +107,7 @@ class TrainingError(Exception):
 
 # What a resumed run may change; everything else must be as the run was started.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "ckpt_every", "log_every", "workers", "device", "vis_samples",
-                     "compile", "shards", "loader", "resume", "out"}
+                     "compile", "shards", "loader", "resume", "out", "hw_decoder_load"}
 
 
 def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
@@ -152,7 +163,11 @@ class Run:
         """Compile before the DDP wrap; the unwrapped model (self.raw) is what gets saved."""
         model = torch.compile(self.raw) if self.s.compile else self.raw
         if self.ctx.world_size > 1:
-            model = DDP(model, device_ids=[self.ctx.local_rank] if self.gpu else None)
+            # No buffer broadcast each step (a collective per forward): validate() broadcasts
+            # rank 0's BatchNorm statistics before they are used or saved.
+            no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+                else {"broadcast_buffers": False}  # renamed in torch 2.13
+            model = DDP(model, device_ids=[self.ctx.local_rank] if self.gpu else None, **no_sync)
         return model
 
     def state(self) -> dict:
@@ -247,8 +262,7 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
         record = {"kind": "train", "loss": (agreed[0] / (n * ctx.world_size)).item(),
                   "loss_mask": (agreed[1] / (n * ctx.world_size)).item(), "loss_depth": (agreed[2] / (n * ctx.world_size)).item(),
                   "lr": run.optimizer.param_groups[0]["lr"], "samples_per_s": rate}
-        if run.gpu:
-            record["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        record.update(gpu_memory(str(ctx.device)))  # torch's peak, and DALI's pool beside it
         run.log(record, writer)
         bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{rate:,.0f}")
         sums.zero_()
@@ -308,8 +322,11 @@ def loaders(run: Run):
     common = {"res": s.res, "batch_size": s.batch(), "loader": s.loader, "device": str(ctx.device),
               "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers}
     # Seeded by the step too, so a resumed run does not replay the data order of its start.
+    if s.loader == "dali" and s.hw_decoder_load >= 0:
+        common["hw_decoder_load"] = s.hw_decoder_load
     train = build_loader(s.shards, split="train", augment=aug, seed=s.seed + run.step, **common)
-    val = build_loader(s.shards, split="val", seed=s.seed, **common)
+    # Validation decodes and resizes only, between epochs: a few threads, not a second set of all cores.
+    val = build_loader(s.shards, split="val", seed=s.seed, **{**common, "workers": max(1, workers // 4)})
     return train, val
 
 
@@ -366,22 +383,23 @@ def _epochs(run: Run, model, train_loader, val_loader, writer, stop: StopRequest
     return 0
 
 
+def fail(e: Exception, rank: int, world: int) -> int:
+    """Every rank says its own error, named by rank in a world of several: one that only rank 0
+    told would leave a failing rank 1 silent (torchrun then just reports its exit code)."""
+    print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr, flush=True)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         s = settings_from(argv)
         ctx = setup(s.device)
     except (TrainingError, checkpoint.CheckpointError, RuntimeError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(e, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     try:
         return train(s, ctx)
-    except (TrainingError, ManifestError, checkpoint.CheckpointError, ValueError) as e:
-        print0(ctx, f"error: {e}", file=sys.stderr)  # the same on every rank: say it once
-        return 1
-    except LoaderError as e:  # data errors can be one rank's own
-        print(f"error{f' (rank {ctx.rank})' if ctx.world_size > 1 else ''}: {e}", file=sys.stderr, flush=True)
-        return 1
+    except (TrainingError, ManifestError, checkpoint.CheckpointError, ValueError, LoaderError) as e:
+        return fail(e, ctx.rank, ctx.world_size)
     finally:
         cleanup()
 

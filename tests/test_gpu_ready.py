@@ -1,0 +1,275 @@
+"""What would break or crawl on the first GPU run, seen from the CPU: one GPU per local rank,
+every rank's error said, loss constants made once, DDP settings, the GPU batch table, the DALI
+size hint, the offline install's join/verify/import check, and gpu_check's arguments, skipping
+and report. The GPU tests at the end run on a GPU machine (scripts/gpu_check.sh --stage tests)."""
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import dist
+from train.losses import LossWeights, _kernels, head_loss
+from train.main import TrainSettings
+from train.main import main as train_main
+
+ROOT = Path(__file__).resolve().parent.parent
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """A CPU machine that says it has one GPU, as torchrun's rank 1 of 2 sees it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_setup_stops_every_rank_when_ranks_outnumber_gpus(one_gpu, monkeypatch, local_rank):
+    monkeypatch.setenv("LOCAL_RANK", local_rank)  # rank 0 too: it must not wait in init_process_group
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *_: pytest.fail("set_device before the check"))
+    with pytest.raises(RuntimeError, match=r"2 ranks on this machine but 1 GPU\(s\): start at most 1 .* or pass --device cpu"):
+        dist.setup("auto")
+
+
+def test_cpu_ranks_do_not_count_gpus(one_gpu, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")  # no process group needed for this check
+    assert dist.setup("cpu").device.type == "cpu"
+
+
+def test_rank_1_says_its_own_error(one_gpu, capsys, tmp_path):
+    assert train_main(["--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error (rank 1): 2 ranks on this machine but 1 GPU(s)") and err.count("\n") == 1
+
+
+def test_an_error_after_setup_is_said_by_the_rank_that_has_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("train.main.setup", lambda device: dist.DistContext(1, 1, 2, torch.device("cpu")))
+    threads = torch.get_num_threads()  # train() shares the cores among the ranks
+    try:
+        assert train_main(["--shards", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert err.startswith("error (rank 1): ") and "does not exist" in err
+
+
+def test_loss_constants_are_made_once_per_device(monkeypatch):
+    pred, target = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    reference = head_loss(pred, target, LossWeights(w_edge=0))  # pytorch-msssim's own window
+    monkeypatch.setattr(importlib.import_module("pytorch_msssim.ssim"), "_fspecial_gauss_1d", lambda *a: pytest.fail("SSIM window made per call"))
+    assert _kernels(pred.device, pred.dtype) is _kernels(pred.device, pred.dtype)
+    assert torch.equal(head_loss(pred, target, LossWeights(w_edge=0)), reference)
+    head_loss(pred, target, LossWeights(), bce=True)
+
+
+def test_gpu_batch_defaults_only_on_a_gpu(monkeypatch):
+    assert [TrainSettings(res=r, device="cpu").batch() for r in (64, 128, 224)] == [64, 64, 16]
+    assert [TrainSettings(res=r, device="cuda").batch() for r in (64, 128, 224)] == [1024, 256, 128]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert TrainSettings(res=224).batch() == 128 and TrainSettings(res=224, batch_size=8).batch() == 8
+
+
+def test_ddp_does_not_broadcast_buffers_every_step(tmp_path):
+    import socket
+
+    import torch.distributed as tdist
+
+    from train.main import Run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        run = Run(TrainSettings(out=str(tmp_path), device="cpu"), dist.DistContext(0, 0, 2, torch.device("cpu")))
+        model = run.wrap()
+        assert getattr(model, "forward_sync_buffers", model.broadcast_buffers) is False
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_dali_size_hint_is_the_stored_image_size(small_shards):
+    from pipeline.dali_pipeline import stored_size
+    from pipeline.epoch import plan
+
+    assert stored_size(plan(small_shards, "train", 4, 0, 1, True)) == (96, 96)
+
+
+# --- offline install ---------------------------------------------------------------------------
+
+def make_bundle(folder: Path, part_bytes: int = 700) -> None:
+    """A bundle as scripts/offline_bundle.sh lays it out, holding one tiny wheel of our own."""
+    work = folder.parent / "build"
+    (work / "wheels").mkdir(parents=True)
+    with zipfile.ZipFile(work / "wheels" / "depthseg_probe-1.0-py3-none-any.whl", "w") as whl:
+        whl.writestr("depthseg_probe.py", "ANSWER = 42\n")
+        whl.writestr("depthseg_probe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: depthseg-probe\nVersion: 1.0\n")
+        whl.writestr("depthseg_probe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr("depthseg_probe-1.0.dist-info/RECORD", "")
+    (work / "requirements.txt").write_text("depthseg-probe\n")
+    (work / "wheels.txt").write_text("depthseg_probe-1.0-py3-none-any.whl\n")
+    with tarfile.open(work / "bundle.tar", "w") as tar:
+        for name in ("requirements.txt", "wheels.txt", "wheels"):
+            tar.add(work / name, name)
+    data = (work / "bundle.tar").read_bytes()
+    folder.mkdir()
+    sums = []
+    for i in range(0, len(data), part_bytes):
+        name = f"part-{i // part_bytes:02d}"
+        (folder / name).write_bytes(data[i:i + part_bytes])
+        sums.append(f"{hashlib.sha256(data[i:i + part_bytes]).hexdigest()}  {name}")
+    sums.append(f"{hashlib.sha256(data).hexdigest()}  bundle.tar")
+    (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+
+
+def offline_install(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "offline_install.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=300)
+
+
+def test_offline_install_joins_checks_installs_and_imports(tmp_path):
+    make_bundle(tmp_path / "parts")
+    assert len(list((tmp_path / "parts").glob("part-*"))) > 2
+    r = offline_install(str(tmp_path / "parts"), "--target", str(tmp_path / "site"))
+    assert r.returncode == 0, r.stderr
+    assert "joined and checked" in r.stdout and "installed 1 wheel(s)" in r.stdout
+    assert (tmp_path / "site" / "depthseg_probe.py").read_text() == "ANSWER = 42\n"
+    assert r.stdout.strip().splitlines()[-1].startswith("all ") and "nvidia.dali" in r.stdout
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing"])
+def test_offline_install_names_a_bad_part(tmp_path, damage):
+    make_bundle(tmp_path / "parts")
+    part = tmp_path / "parts" / "part-01"
+    if damage == "flip":
+        part.write_bytes(b"x" + part.read_bytes()[1:])
+    else:
+        part.unlink()
+    r = offline_install(str(tmp_path / "parts"), "--target", str(tmp_path / "site"))
+    assert r.returncode == 1 and not (tmp_path / "site").exists()
+    assert r.stderr.strip() == f"offline_install: part(s) part-01 of {tmp_path / 'parts'} are missing or damaged " \
+                               f"(sha256 differs); send them again."
+
+
+def test_import_check_names_what_is_missing(monkeypatch):
+    check = load_script("check_imports")
+    assert {"torch", "webdataset", "pytorch_msssim", "nvidia.dali.plugin.pytorch", "click"} <= set(check.project_imports())
+    assert not any(m.split(".")[0] in ("os", "json", "pipeline", "train") for m in check.project_imports())
+    assert check.missing(["json", "no_such_module_xyz"]) == {"no_such_module_xyz": "ModuleNotFoundError: No module named 'no_such_module_xyz'"}
+
+
+# --- gpu_check ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def gpu_check():
+    return load_script("gpu_check")
+
+
+def test_gpu_check_arguments(gpu_check, capsys):
+    a = gpu_check.parse_args(["out", "--stage", "train", "--res", "64,224"])
+    assert (a.stage, a.res, a.out) == ("train", [64, 224], Path("out"))
+    assert gpu_check.parse_args(["out"]).stage == "all"
+    for bad in (["out", "--stage", "nope"], ["out", "--res", "63"], ["out", "--res", "a,b"], []):
+        with pytest.raises(SystemExit) as e:
+            gpu_check.parse_args(bad)
+        assert e.value.code == 2
+    assert "--res" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without a GPU")
+def test_gpu_check_skips_without_a_gpu(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path), "--stage", "loader"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert r.returncode == 3 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("gpu_check: skipped loader: no GPU is visible to torch here")
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "no GPU" in report["stages"]["loader"]["skipped"] and report["facts"]["gpus"] == 0
+    assert "Skipped: loader: no GPU" in (tmp_path / "gpu_check.md").read_text()
+
+
+def canned(out: Path) -> None:
+    """Stage files as two slices on a GPU machine would leave them."""
+    facts = {"gpu": "NVIDIA H100 80GB HBM3", "cpus": 16, "torch": "2.11.0+cu130", "torch_cuda": "13.0",
+             "dali": ["nvidia-dali-cuda130 2.4.0"], "python": "3.12.3", "gpus": 1}
+    loader = {"runs": [
+        {"loader": "dali", "batch_size": 256, "samples_per_s": 24000.0, "images_per_s": 96000.0, "hw_decoder_load": None,
+         "gpu_peak_gb": 1.2, "gpu_other_gb": 3.4},
+        {"loader": "torch", "batch_size": 256, "samples_per_s": 6000.0, "images_per_s": 24000.0, "hw_decoder_load": None},
+        {"loader": "dali", "batch_size": 256, "sweep": True, "hw_decoder_load": 0.5, "error": "exit 1: out | of\nmemory"}]}
+    train = {"runs": [
+        {"res": 64, "loader": "synthetic", "compile": False, "batch_size": 1024, "samples_per_s": 30000.0, "gpu_peak_gb": 20.0},
+        {"res": 64, "loader": "dali", "compile": False, "batch_size": 1024, "samples_per_s": 24000.0, "gpu_peak_gb": 21.0},
+        {"res": 224, "loader": "synthetic", "compile": False, "batch_size": 128, "samples_per_s": 3000.0, "gpu_peak_gb": 30.0},
+        {"res": 224, "loader": "dali", "compile": False, "batch_size": 128, "samples_per_s": 2950.0, "gpu_peak_gb": 31.5,
+         "gpu_other_gb": 2.0}]}
+    for name, result in (("loader", loader), ("train", train)):
+        (out / f"stage_{name}.json").write_text(json.dumps({"stage": name, "facts": facts, "result": result}))
+
+
+def test_gpu_check_report_from_canned_stages(gpu_check, tmp_path, capsys):
+    canned(tmp_path)
+    assert gpu_check.main([str(tmp_path), "--report"]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    s = report["summary"]
+    assert s["dali_224_samples_per_s"] == 24000.0 and s["dali_224_goal_met"]
+    assert s["verdicts"]["64"] == {"dali_over_synthetic": 0.8, "bottleneck": "loader"}
+    assert s["verdicts"]["224"]["bottleneck"].startswith("model") and not s["dali_never_the_bottleneck"]
+    assert s["train_224_samples_per_s"] == {"synthetic": 3000.0, "dali": 2950.0} and s["train_224_goal_met"]
+    assert s["epoch_400k_s"] == round(400000 / 2950, 1) and s["epoch_goal_met"] and s["train_peak_gb"] == 31.5
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "NVIDIA H100 80GB HBM3; 16 CPUs; torch 2.11.0+cu130" in md
+    assert "| dali | 256 | default | 24,000 | 96,000 | 4.00 | 1.20 | 3.40 |" in md
+    assert "| dali | 256 | 0.5 | failed: exit 1: out / of memory |" in md  # one row, the table intact
+    assert "| 64 | 1024 | no | dali | 24,000 | 0.80 | loader | 21.0 | – |" in md
+    assert "| DALI loader at 224 px | ≥ 20,000 samples/s | 24,000 | met |" in md
+    assert "| a 224 px epoch of 400k samples | < 3 min | 2.3 min | met |" in md
+    assert "report of 2 stage(s)" in capsys.readouterr().out
+
+
+# --- on a GPU machine ----------------------------------------------------------------------------
+
+@cuda
+def test_gpu_loss_constants_stay_on_the_device():
+    pred = torch.rand(2, 1, 32, 32, device="cuda")
+    kx, ky, win = _kernels(pred.device, pred.dtype)
+    assert kx.device == win.device == pred.device
+    assert torch.isfinite(head_loss(pred, torch.rand_like(pred), LossWeights(), bce=True))
+
+
+@cuda
+def test_gpu_dali_decoder_hints_and_memory_report(small_shards):
+    from pipeline.bench import bench_loader
+
+    r = bench_loader(str(small_shards), "dali", device="cuda", res=64, batch_size=4, batches=3, warmup=1,
+                     hw_decoder_load=0.5)
+    assert r["samples_per_s"] > 0 and r["gpu_peak_gb"] >= 0 and r["gpu_other_gb"] > 0
+
+
+@cuda
+def test_gpu_more_ranks_than_gpus_stops_at_once_with_one_sentence_per_rank(exact_shards, tmp_path):
+    n = torch.cuda.device_count() + 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(ROOT / "train" / "main.py"),
+           "--shards", str(exact_shards), "--out", str(tmp_path / "o"), "--res", "32", "--batch-size", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    for rank in range(n):
+        assert f"error (rank {rank}): {n} ranks on this machine but {n - 1} GPU(s)" in r.stderr
