@@ -170,13 +170,14 @@ def dali_errors(plan: Plan):
 class DaliLoader:
     """The batch contract over a DALI pipeline; see pipeline.loaders for the epoch rules."""
 
-    def __init__(self, plan: Plan, res: int, aug: Augment, device: str, seed: int, threads: int):
+    def __init__(self, plan: Plan, res: int, aug: Augment, device: str, seed: int, threads: int, state=None):
         self.plan = plan
         gpu = device.startswith("cuda")
         device_id = (torch.device(device).index or 0) if gpu else None
         # Different augmentation per rank; the reader's sharding does not depend on the seed.
         pipe = depthseg_pipeline(plan, res, aug, gpu, batch_size=plan.batch_size, num_threads=threads,
-                                 device_id=device_id, seed=seed * 1000 + plan.rank, prefetch_queue_depth=2)
+                                 device_id=device_id, seed=seed * 1000 + plan.rank, prefetch_queue_depth=2,
+                                 enable_checkpointing=plan.train, checkpoint=state)
         self.device = torch.device(device)
         policy = LastBatchPolicy.DROP if plan.train else LastBatchPolicy.FILL
         with dali_errors(plan):  # the iterator runs the first batches already
@@ -185,6 +186,11 @@ class DaliLoader:
 
     def __len__(self) -> int:
         return self.plan.batches
+
+    def state(self):
+        """DALI's checkpoint of the reader's position and of every random draw, after the batches
+        handed out so far; given back as `state`, the loader goes on exactly from there."""
+        return self.iterator.checkpoints()[0] if self.plan.train else None
 
     def __iter__(self):
         with dali_errors(self.plan):
