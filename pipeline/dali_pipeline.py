@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 
 import nvidia.dali.math as dmath
 import numpy as np
@@ -160,7 +159,7 @@ def dali_errors(plan: Plan):
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0] if lines else "?"
-        shards = str(Path(plan.tars[0]).parent)
+        shards = plan.tars[0].rsplit("/", 1)[0]  # a folder or an s3:// prefix
         if any(op in str(e) for op in ("decoders.image", "readers.webdataset")):
             raise LoaderError(f"DALI could not read or decode a sample of {shards} ({cause[:200]}); "
                               f"run `depthcli verify --decode {shards}` to find it.") from None
