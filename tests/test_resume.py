@@ -47,6 +47,12 @@ def test_dali_loader_goes_on_exactly_from_its_state(exact_shards, augment):
     assert [fingerprint(b) for b in resumed] == whole[1]
     at_epoch_end = build_loader(exact_shards, state=resumed.state(), **kw)  # as saved after validation
     assert [fingerprint(b) for b in at_epoch_end] == whole[2]
+    loader = build_loader(exact_shards, **kw)
+    for i, _ in enumerate(loader):  # as saved after an epoch's last step (SIGTERM, --max-steps)
+        if i == len(loader) - 1:
+            state = loader.state()
+            break
+    assert [fingerprint(b) for b in build_loader(exact_shards, state=state, **kw)] == whole[1]
 
 
 def records(out: Path, kind: str) -> list[dict]:

@@ -242,7 +242,10 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
                dynamic_ncols=True)
     sums = torch.zeros(4, device=ctx.device)  # loss, mask loss, depth loss, non-finite count
     t0, n = time.perf_counter(), 0
-    for i, batch in enumerate(loader, skip if restored else 0):
+    # A checkpoint taken after the epoch's last step (SIGTERM, --max-steps) restores a DALI loader
+    # that would go straight on with the next epoch: nothing of this one is left.
+    batches = [] if restored and skip >= len(loader) else loader
+    for i, batch in enumerate(batches, skip if restored else 0):
         if i < skip:
             continue
         with run.autocast():
