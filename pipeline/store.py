@@ -40,8 +40,8 @@ def join(base: str | os.PathLike, name: str) -> str:
 def split(url: str) -> tuple[str, str]:
     """s3://bucket/key → (bucket, key)."""
     bucket, _, key = url[len(SCHEME):].partition("/")
-    if len(bucket) < 3:
-        raise StoreError(f"{url} names no bucket; write s3://BUCKET/PREFIX.")
+    if not 3 <= len(bucket) <= 63:
+        raise StoreError(f"{url} names no bucket (3 to 63 characters); write s3://BUCKET/PREFIX.")
     return bucket, key
 
 
@@ -74,7 +74,7 @@ def errors(url: str):
     except ClientError as e:
         code = str(e.response.get("Error", {}).get("Code", ""))
         bucket = url[len(SCHEME):].split("/", 1)[0]
-        if code == "NoSuchBucket":
+        if code == "NoSuchBucket" or (code in ("404", "NotFound") and url.rstrip("/") == SCHEME + bucket):
             raise StoreError(f"the bucket {bucket} does not exist at {endpoint()}.") from None
         if code in ("NoSuchKey", "404", "NotFound"):
             raise StoreError(f"{url} does not exist (no such key or bucket at {endpoint()}).") from None
@@ -124,8 +124,9 @@ def make_room(prefix: str, manifest: str, overwrite: bool) -> None:
     """Before an upload: the bucket exists, and a shard set already there is refused, or with
     `overwrite` made unfinished (its manifest deleted) so that no reader uses it while it changes."""
     bucket, key = _key(prefix, manifest)
-    with errors(prefix):
+    with errors(SCHEME + bucket):
         client().head_bucket(Bucket=bucket)
+    with errors(prefix):
         if manifest in sizes(prefix):
             if not overwrite:
                 raise StoreError(f"{prefix} already holds a shard set; pass --overwrite to replace it.")
