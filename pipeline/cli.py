@@ -16,9 +16,10 @@ from pipeline.make_dataset import DatasetError
 from pipeline.manifest import LoaderError, ManifestError
 from pipeline.shard import ShardError
 from pipeline.source import SourceError
+from pipeline.store import StoreError
 from pipeline.verify import VerifyError
 
-USER_ERRORS = (DatasetError, LoaderError, ManifestError, ShardError, SourceError, VerifyError)
+USER_ERRORS = (DatasetError, LoaderError, ManifestError, ShardError, SourceError, StoreError, VerifyError)
 CPUS = os.cpu_count() or 1
 
 
@@ -111,18 +112,45 @@ def shard_cmd(src, **kw):
 
 
 @main.command("verify")
-@click.argument("folder", type=click.Path(), default="shards")
+@click.argument("folder", type=click.Path(), default="shards")  # or s3://bucket/prefix
 @click.option("--decode", is_flag=True, help="Also decode every image.")
 @click.option("--workers", default=CPUS, show_default=True, help="Worker processes.")
 @user_errors
 def verify_cmd(folder, decode, workers):
-    """Check a shard folder against its manifest: files, sizes, sha256, index files, sample counts
-    and members. Names the first bad shard and exits 1."""
+    """Check a shard folder (or s3://bucket/prefix) against its manifest: files, sizes, sha256,
+    index files, sample counts and members. Names the first bad shard and exits 1."""
     from pipeline.verify import verify
 
     r = verify(folder, decode=decode, workers=workers)
     click.echo(f"ok: {r['shards']} shards, {r['samples']:,} samples, {r['bytes'] / 1e6:,.1f} MB"
                + (", every image decoded" if r["decoded"] else ""))
+
+
+@main.command("upload")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("url")
+@click.option("--overwrite", is_flag=True, help="Replace a shard set already at URL.")
+@user_errors
+def upload_cmd(folder, url, overwrite):
+    """Copy a finished shard FOLDER to object storage at URL (s3://bucket/prefix): tars and indexes
+    first, manifest.json last, so a reader never sees a half set. Endpoint and credentials: the
+    standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from pipeline.manifest import MANIFEST, read_manifest
+    from pipeline.store import is_remote, make_room, upload
+
+    if not is_remote(url):
+        raise click.ClickException(f"{url} is not an s3:// URL.")
+    entries = [e for v in read_manifest(folder)["splits"].values() for e in v["shards"]]
+    names = [e[k] for e in entries for k in ("tar", "index")]
+    total = sum((Path(folder) / n).stat().st_size for n in [*names, MANIFEST])
+    make_room(url, MANIFEST, overwrite)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="upload") as bar:
+        sent = upload(Path(folder), url, names, MANIFEST, bar.update)
+    click.echo(f"uploaded {len(entries)} shards and their indexes, then {MANIFEST}, to {url}: {sent / 1e6:,.1f} MB")
 
 
 def _device(name: str) -> str:
@@ -136,7 +164,7 @@ def _device(name: str) -> str:
 
 
 @main.command("bench")
-@click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder.")
+@click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder or s3://bucket/prefix.")
 @click.option("--loader", type=click.Choice(["dali", "torch", "all"]), default="all", show_default=True,
               help="Loader to time; all = every available one, in this process, with their ratio.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -174,7 +202,7 @@ def bench_cmd(loader, as_json, **kw):
 
 @main.command("evaluate")
 @click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="A checkpoint from train/main.py.")
-@click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder.")
+@click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder or s3://bucket/prefix.")
 @click.option("--split", default="val", show_default=True, help="Split to evaluate.")
 @click.option("--res", default=0, help="Resolution. (default: the checkpoint's)")
 @click.option("--batch-size", default=32, show_default=True)

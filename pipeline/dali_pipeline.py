@@ -13,7 +13,6 @@ from __future__ import annotations
 import tarfile
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 
 import nvidia.dali.math as dmath
 import numpy as np
@@ -181,7 +180,7 @@ def dali_errors(plan: Plan):
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0] if lines else "?"
-        shards = str(Path(plan.tars[0]).parent)
+        shards = plan.tars[0].rsplit("/", 1)[0]  # a folder or an s3:// prefix
         if any(op in str(e) for op in ("decoders.image", "readers.webdataset")):
             raise LoaderError(f"DALI could not read or decode a sample of {shards} ({cause[:200]}); "
                               f"run `depthcli verify --decode {shards}` to find it.") from None
@@ -192,14 +191,15 @@ class DaliLoader:
     """The batch contract over a DALI pipeline; see pipeline.loaders for the epoch rules."""
 
     def __init__(self, plan: Plan, res: int, aug: Augment, device: str, seed: int, threads: int,
-                 hw_decoder_load: float = HW_DECODER_LOAD):
+                 hw_decoder_load: float = HW_DECODER_LOAD, state=None):
         self.plan = plan
         gpu = device.startswith("cuda")
         device_id = (torch.device(device).index or 0) if gpu else None
         hints = {"hw_decoder_load": hw_decoder_load, "size_hint": stored_size(plan)} if gpu else {}
         # Different augmentation per rank; the reader's sharding does not depend on the seed.
         pipe = depthseg_pipeline(plan, res, aug, gpu, **hints, batch_size=plan.batch_size, num_threads=threads,
-                                 device_id=device_id, seed=seed * 1000 + plan.rank, prefetch_queue_depth=2)
+                                 device_id=device_id, seed=seed * 1000 + plan.rank, prefetch_queue_depth=2,
+                                 enable_checkpointing=plan.train, checkpoint=state)
         self.device = torch.device(device)
         policy = LastBatchPolicy.DROP if plan.train else LastBatchPolicy.FILL
         with dali_errors(plan):  # the iterator runs the first batches already
@@ -208,6 +208,11 @@ class DaliLoader:
 
     def __len__(self) -> int:
         return self.plan.batches
+
+    def state(self):
+        """DALI's checkpoint of the reader's position and of every random draw, after the batches
+        handed out so far; given back as `state`, the loader goes on exactly from there."""
+        return self.iterator.checkpoints()[0] if self.plan.train else None
 
     def __iter__(self):
         with dali_errors(self.plan):

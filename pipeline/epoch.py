@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import store
 from pipeline.manifest import ManifestError, read_manifest, split_shards
 
 
@@ -45,19 +46,32 @@ class Plan:
         return math.ceil(self.largest_part / self.batch_size)
 
 
+def _sizes(shards: str | os.PathLike, names: list[str]) -> dict[str, int]:
+    """Sizes of the named files that exist: stat for a folder, one listing for an s3:// prefix."""
+    if store.is_remote(shards):
+        try:
+            return store.sizes(str(shards))
+        except store.StoreError as e:
+            raise ManifestError(str(e)) from None
+    return {n: (Path(shards) / n).stat().st_size for n in names if (Path(shards) / n).is_file()}
+
+
 def plan(shards: str | os.PathLike, split: str, batch_size: int, rank: int, world_size: int, train: bool) -> Plan:
+    """Shards may be a folder or an s3:// prefix: DALI opens s3:// itself, webdataset through
+    pipeline.store."""
     manifest = read_manifest(shards)
     entries = split_shards(manifest, split)
-    folder = Path(shards)
+    sizes = _sizes(shards, [e[k] for e in entries for k in ("tar", "index")])
     for e in entries:  # cheap checks here, so a damaged set fails now and not inside DALI
         for name in (e["tar"], e["index"]):
-            if not (folder / name).is_file():
-                raise ManifestError(f"{folder / name} is missing; run `depthcli verify {folder}`.")
-        size = (folder / e["tar"]).stat().st_size
-        if size != e["bytes"]:
-            raise ManifestError(f"{folder / e['tar']} has {size} bytes, the manifest says {e['bytes']}; "
-                                f"run `depthcli verify {folder}`.")
-    p = Plan([str(folder / e["tar"]) for e in entries], [str(folder / e["index"]) for e in entries],
+            if name not in sizes:
+                raise ManifestError(f"{store.join(shards, name)} is missing; run `depthcli verify {shards}`.")
+        if sizes[e["tar"]] != e["bytes"]:
+            raise ManifestError(f"{store.join(shards, e['tar'])} has {sizes[e['tar']]} bytes, the manifest says "
+                                f"{e['bytes']}; run `depthcli verify {shards}`.")
+    if store.is_remote(shards):
+        store.use_with_webdataset()
+    p = Plan([store.join(shards, e["tar"]) for e in entries], [store.join(shards, e["index"]) for e in entries],
              [e["samples"] for e in entries], sum(e["samples"] for e in entries), rank, world_size, batch_size, train)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")

@@ -31,11 +31,13 @@ LOADERS = ("dali", "torch")  # and "synthetic": random tensors, to time the mode
 def build_loader(shards: str | os.PathLike, split: str = "train", res: int = 224, batch_size: int = 64,
                  loader: str = "dali", device: str = "cpu", train: bool | None = None, augment: Augment | None = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0, workers: int | None = None,
-                 hw_decoder_load: float | None = None):
+                 hw_decoder_load: float | None = None, state=None):
     """An iterable of batch dicts with len() = batches per epoch; see the module docstring.
     `train` defaults to split == "train"; `augment` to the reference settings when training;
     `workers` is CPU threads (dali) or processes (torch) for this rank; `hw_decoder_load`: the
-    share of JPEGs DALI's GPU decoder gives the hardware decoder (None: our default)."""
+    share of JPEGs DALI's GPU decoder gives the hardware decoder (None: our default). `state`: a
+    DALI loader's state() from a checkpoint; the loader goes on with exactly the batches it would
+    have given."""
     train = split == "train" if train is None else train
     augment = (augment or Augment()) if train else Augment.off()
     if res % 4 or res < 16:
@@ -47,7 +49,7 @@ def build_loader(shards: str | os.PathLike, split: str = "train", res: int = 224
     if loader == "dali":
         from pipeline.dali_pipeline import DaliLoader
 
-        return DaliLoader(p, res, augment, device, seed, workers,
+        return DaliLoader(p, res, augment, device, seed, workers, state=state,
                           **({} if hw_decoder_load is None else {"hw_decoder_load": hw_decoder_load}))
     if loader == "torch":
         from pipeline.torch_loader import TorchLoader

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from pipeline import store
+
 FORMAT = "depthseg-wds/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -39,13 +41,22 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        if not Path(folder).is_dir():
-            raise ManifestError(f"{folder} does not exist; make shards with `depthcli shard --out {folder}`.")
-        raise ManifestError(f"{folder} has no {MANIFEST}: it is not a finished shard set (run `depthcli shard`).")
+    """The manifest of a shard folder or of an s3:// prefix (see pipeline.store)."""
+    if store.is_remote(folder):
+        path = store.join(folder, MANIFEST)
+        try:
+            text = store.read_bytes(path).decode("utf-8", "replace")
+        except store.StoreError as e:
+            raise ManifestError(str(e)) from None
+    else:
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            if not Path(folder).is_dir():
+                raise ManifestError(f"{folder} does not exist; make shards with `depthcli shard --out {folder}`.")
+            raise ManifestError(f"{folder} has no {MANIFEST}: it is not a finished shard set (run `depthcli shard`).")
+        text = path.read_text()
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path} is not valid JSON ({e}).") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -68,16 +79,18 @@ def index_line(members: list[tuple[str, int, int]]) -> str:
     return " ".join(f"{name.split('.', 1)[1]} {offset} {size} {name}" for name, offset, size in members)
 
 
-def parse_index(path: Path) -> list[list[tuple[str, int, int]]]:
-    """The samples of a DALI index file as lists of (name, offset, size)."""
-    lines = path.read_text().splitlines()
+def parse_index(path: Path | str, text: str | None = None) -> list[list[tuple[str, int, int]]]:
+    """The samples of a DALI index file as lists of (name, offset, size); `text`: its contents,
+    when they were read from elsewhere (a store)."""
+    name = str(path).rsplit("/", 1)[-1]
+    lines = (Path(path).read_text() if text is None else text).splitlines()
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != IDX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
-        raise ValueError(f"{path.name} is not a {IDX_VERSION} index of {len(lines) - 1} samples")
+        raise ValueError(f"{name} is not a {IDX_VERSION} index of {len(lines) - 1} samples")
     samples = []
     for line in lines[1:]:
         f = line.split(" ")
         if len(f) % 4:
-            raise ValueError(f"{path.name} has a malformed line")
+            raise ValueError(f"{name} has a malformed line")
         samples.append([(f[i + 3], int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)])
     return samples

@@ -1,6 +1,7 @@
 """Check a shard folder against its manifest.
 
     depthcli verify shards/ [--decode]
+    depthcli verify s3://bucket/prefix        # streams each shard once from the store
 
 Every shard present with the manifest's size and sha256; its index agrees with the tar member for
 member (name, data offset, size); sample counts match; every sample has its four images (jpg or
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline import store
 from pipeline.manifest import ROLES, SPLITS, parse_index, read_manifest
 from pipeline.source import BadSample, check_image, image_format
 
@@ -60,46 +62,62 @@ def _check_sample(key: str, members: dict[str, bytes], decode: bool) -> None:
         raise BadSample(f"sample {key}: its json is not valid") from None
 
 
-def verify_shard(folder: Path, entry: dict, decode: bool) -> str | None:
-    """None when the shard is good, else what is wrong with it."""
-    tar_path, idx_path = folder / entry["tar"], folder / entry["index"]
+def verify_shard(folder: Path | str, entry: dict, decode: bool) -> str | None:
+    """None when the shard is good, else what is wrong with it. `folder` may be an s3:// prefix."""
+    if store.is_remote(folder):
+        url = store.join(folder, entry["tar"])
+        try:
+            with store.errors(url):  # a stream broken midway, too
+                return _verify_stream(store.open_stream(url), store.join(folder, entry["index"]), entry, decode)
+        except store.StoreError as e:
+            return str(e).rstrip(".")
+    tar_path, idx_path = Path(folder) / entry["tar"], Path(folder) / entry["index"]
     for p in (tar_path, idx_path):
         if not p.is_file():
             return f"{p.name} is missing"
     if tar_path.stat().st_size != entry["bytes"]:
         return f"{tar_path.name} has {tar_path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    with open(tar_path, "rb") as f:
+        return _verify_stream(f, idx_path, entry, decode)
+
+
+def _verify_stream(f, idx_path: Path | str, entry: dict, decode: bool) -> str | None:
+    """The checks of verify_shard on an open tar stream, read once from its start."""
+    tar_name, idx_name = entry["tar"], entry["index"]
     try:
-        index = parse_index(idx_path)
+        text = store.read_bytes(idx_path).decode() if store.is_remote(idx_path) else None
+        index = parse_index(idx_path, text)
     except (ValueError, UnicodeDecodeError) as e:
         return str(e)
     seen: list[list[tuple[str, int, int]]] = []
     try:
-        with open(tar_path, "rb") as f:
-            reader = _HashingReader(f)
-            key, members = None, {}
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for m in tar:
-                    k, ext = m.name.split(".", 1)
-                    if k != key:
-                        if key is not None:
-                            _check_sample(key, members, decode)
-                        key, members = k, {}
-                        seen.append([])
-                    members[ext] = tar.extractfile(m).read()
-                    seen[-1].append((m.name, m.offset_data, m.size))
-                if key is not None:
-                    _check_sample(key, members, decode)
-            reader.drain()
+        reader = _HashingReader(f)
+        key, members = None, {}
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            for m in tar:
+                k, ext = m.name.split(".", 1)
+                if k != key:
+                    if key is not None:
+                        _check_sample(key, members, decode)
+                    key, members = k, {}
+                    seen.append([])
+                members[ext] = tar.extractfile(m).read()
+                seen[-1].append((m.name, m.offset_data, m.size))
+            if key is not None:
+                _check_sample(key, members, decode)
+        reader.drain()
     except BadSample as e:
-        return f"{tar_path.name}: {e}"
+        return f"{tar_name}: {e}"
     except (tarfile.TarError, ValueError, OSError) as e:
-        return f"{tar_path.name} is not a readable tar ({e})"
+        return f"{tar_name} is not a readable tar ({e})"
+    if reader.n != entry["bytes"]:
+        return f"{tar_name} has {reader.n} bytes, the manifest says {entry['bytes']}"
     if reader.sha.hexdigest() != entry["sha256"]:
-        return f"{tar_path.name} does not match its sha256 in the manifest"
+        return f"{tar_name} does not match its sha256 in the manifest"
     if seen != index:
-        return f"{idx_path.name} does not agree with {tar_path.name}"
+        return f"{idx_name} does not agree with {tar_name}"
     if len(seen) != entry["samples"]:
-        return f"{tar_path.name} holds {len(seen)} samples, the manifest says {entry['samples']}"
+        return f"{tar_name} holds {len(seen)} samples, the manifest says {entry['samples']}"
     return None
 
 
@@ -109,7 +127,7 @@ def _verify_star(args):
 
 def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cpu_count() or 1) -> dict:
     """Raise VerifyError naming the first bad shard; return a summary when all are good."""
-    folder = Path(folder)
+    folder = folder if store.is_remote(folder) else Path(folder)
     manifest = read_manifest(folder)
     entries = [e for split in SPLITS for e in manifest["splits"].get(split, {}).get("shards", [])]
     for split in SPLITS:

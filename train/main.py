@@ -9,6 +9,11 @@ the shards through the DALI loader (or --loader torch). Checkpoints (last.pt eve
 steps and at each epoch's end, best.pt by validation loss) are written atomically; --resume
 continues a killed run from last.pt; SIGTERM saves and exits cleanly on every rank; a non-finite
 loss stops the run with one sentence and keeps the last good checkpoint.
+
+--resume auto continues from last.pt when there is one, else starts: what a launcher that
+restarts failed workers needs (torchrun --max-restarts N, several nodes: see README "Many nodes").
+With the DALI loader a resumed epoch goes on with exactly the samples, order and augmentation
+the interrupted run would have seen (DALI's checkpoint of each rank's pipeline is in last.pt).
 """
 
 from __future__ import annotations
@@ -82,7 +87,8 @@ class TrainSettings:
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on GPU"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     init: str = field(default="", metadata={"help": "start from this checkpoint's weights (e.g. a lower resolution's best.pt)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last.pt"})
+    resume: str = field(default="", metadata={"help": "continue the run in --out from its last.pt: --resume (or must) "
+                                                     "requires one, --resume auto starts a new run when there is none"})
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and augmentation"})
     log_every: int = field(default=10, metadata={"help": "steps between logged figures (and the ranks' agreement on stopping)"})
     ckpt_every: int = field(default=500, metadata={"help": "steps between checkpoints, besides each epoch's end"})
@@ -117,7 +123,10 @@ def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
     for f in fields(TrainSettings):
         flag, default = "--" + f.name.replace("_", "-"), f.default
         shown = argparse.SUPPRESS if only_given else default
-        if isinstance(default, bool):
+        if f.name == "resume":  # --resume alone means "must"
+            p.add_argument(flag, nargs="?", const="must", choices=("must", "auto"), default=shown,
+                           help=f"{f.metadata['help']} (default: no)")
+        elif isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=shown, help=f.metadata["help"])
         else:
             p.add_argument(flag, type=type(default), default=shown, help=f"{f.metadata['help']} (default: {default})")
@@ -158,6 +167,7 @@ class Run:
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_loss, self.metrics, self.last_saved = math.inf, {}, 0
         self.out = Path(s.out)
+        self.train_loader, self.loader_state, self.resumed_from = None, None, None
 
     def wrap(self) -> torch.nn.Module:
         """Compile before the DDP wrap; the unwrapped model (self.raw) is what gets saved."""
@@ -180,12 +190,16 @@ class Run:
     def save(self) -> None:
         """last.pt. Collective: every rank's RNG states (CPU, and the GPU's: dropout) go in, rank 0 writes."""
         mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.ctx.device) if self.gpu else None}
-        rng = [mine]
+        # The train loader's position, order and draws (DALI's checkpoint; None for other loaders).
+        mine = (mine, getattr(self.train_loader, "state", lambda: None)())
+        gathered = [mine]
         if dist.is_initialized():
-            rng = [None] * self.ctx.world_size
-            dist.all_gather_object(rng, mine)
+            gathered = [None] * self.ctx.world_size
+            dist.all_gather_object(gathered, mine)
         if self.ctx.main:
-            checkpoint.save(self.out / "last.pt", {**self.state(), "rng": rng})
+            rng, loaders = [g[0] for g in gathered], [g[1] for g in gathered]
+            checkpoint.save(self.out / "last.pt", {**self.state(), "rng": rng, "loader_states": loaders,
+                                                   "loader": self.s.loader})
         self.last_saved = self.step
 
     def restore(self, ckpt: dict) -> None:
@@ -199,6 +213,8 @@ class Run:
             torch.set_rng_state(mine["cpu"])
             if self.gpu and mine["cuda"] is not None:
                 torch.cuda.set_rng_state(mine["cuda"], self.ctx.device)
+            if ckpt.get("loader") == self.s.loader and ckpt.get("loader_states"):
+                self.loader_state = ckpt["loader_states"][self.ctx.rank]
 
     def log(self, record: dict, writer) -> None:
         """Rank 0: one JSON line per record, and every figure to TensorBoard."""
@@ -232,14 +248,19 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
     their losses, non-finite counts and stop flags in one all_reduce, so they decide together."""
     s, ctx = run.s, run.ctx
     model.train()
-    # Resumed mid-epoch: the loader cannot restore its position (it is reseeded), so the epoch's
-    # first batches are read and dropped; the epoch keeps its length and the ranks stay in step.
+    # Resumed mid-epoch: a loader restored from its checkpoint (DALI) goes on where it stopped;
+    # any other is reseeded, so the epoch's first batches are read and dropped (the epoch keeps
+    # its length and the ranks stay in step).
     skip = run.epoch_step
+    restored, run.loader_state = run.loader_state is not None, None
     bar = tqdm(total=len(loader) - skip, desc=f"epoch {run.epoch + 1}/{s.epochs}", unit="step", disable=not ctx.main,
                dynamic_ncols=True)
     sums = torch.zeros(4, device=ctx.device)  # loss, mask loss, depth loss, non-finite count
     t0, n = time.perf_counter(), 0
-    for i, batch in enumerate(loader):
+    # A checkpoint taken after the epoch's last step (SIGTERM, --max-steps) restores a DALI loader
+    # that would go straight on with the next epoch: nothing of this one is left.
+    batches = [] if restored and skip >= len(loader) else loader
+    for i, batch in enumerate(batches, skip if restored else 0):
         if i < skip:
             continue
         with run.autocast():
@@ -300,11 +321,15 @@ def prepare(run: Run) -> None:
     """--resume or --init; refuse to mix another run's logs into --out silently."""
     s = run.s
     last = run.out / "last.pt"
-    if s.resume:
-        if not last.is_file():
-            raise TrainingError(f"--resume: there is no {last} to continue from.")
+    if s.resume and last.is_file():
         run.restore(checkpoint.load(last))
-        print0(run.ctx, f"resuming {last} at step {run.step} (epoch {run.epoch + 1}, step {run.epoch_step} of it)")
+        run.resumed_from = run.step
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        print0(run.ctx, f"resuming {last} at step {run.step} (epoch {run.epoch + 1}, step {run.epoch_step} of it)"
+                        + (f", torchrun restart {restart}" if restart else "")
+                        + (", the loader exactly where it was" if run.loader_state is not None else ""))
+    elif s.resume == "must":
+        raise TrainingError(f"--resume: there is no {last} to continue from.")
     elif last.is_file():
         raise TrainingError(f"{run.out} already holds a run; pass --resume to continue it or choose another --out.")
     elif s.init:
@@ -321,10 +346,13 @@ def loaders(run: Run):
     aug = Augment(rotate_interp=s.rotate_interp) if s.augment else Augment.off()
     common = {"res": s.res, "batch_size": s.batch(), "loader": s.loader, "device": str(ctx.device),
               "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers}
-    # Seeded by the step too, so a resumed run does not replay the data order of its start.
     if s.loader == "dali" and s.hw_decoder_load >= 0:
         common["hw_decoder_load"] = s.hw_decoder_load
-    train = build_loader(s.shards, split="train", augment=aug, seed=s.seed + run.step, **common)
+    # A loader restored from its own checkpoint (DALI) goes on exactly; any other is seeded by the
+    # step too, so a resumed run does not replay the data order of its start.
+    exact = run.loader_state is not None
+    train = build_loader(s.shards, split="train", augment=aug, seed=s.seed if exact else s.seed + run.step,
+                         **({"state": run.loader_state} if exact else {}), **common)
     # Validation decodes and resizes only, between epochs: a few threads, not a second set of all cores.
     val = build_loader(s.shards, split="val", seed=s.seed, **{**common, "workers": max(1, workers // 4)})
     return train, val
@@ -343,10 +371,14 @@ def train(s: TrainSettings, ctx: DistContext) -> int:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "settings.json").write_text(json.dumps(asdict(s), indent=1) + "\n")
     train_loader, val_loader = loaders(run)
+    run.train_loader = train_loader
     model = run.wrap()
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run.out / "tb")) if ctx.main else None
+    if run.resumed_from is not None:
+        run.log({"kind": "resume", "from_step": run.resumed_from, "exact": run.loader_state is not None,
+                 "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))}, writer)
     print0(ctx, f"training {s.model} at {s.res}px: {ctx.world_size} rank(s) on {ctx.device.type}, batch {s.batch()} "
                 f"per rank, {len(train_loader)} steps per epoch, loader {s.loader}")
     with StopRequest() as stop:

@@ -1,0 +1,191 @@
+"""Shards in object storage: a real S3-compatible server (moto's standalone server, in its own
+process on 127.0.0.1, with credentials checked), `depthcli upload`, `verify` and `evaluate` (DALI
+reading s3:// itself; the torch loader through webdataset and boto3) from s3://, a 2-rank
+torchrun training run from s3://, and the bad-input cases."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline import store
+from pipeline.cli import main as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "depthseg"
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("moto") is None,
+                                reason="needs moto[server] (pip install -e '.[dev]') for a local S3 server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto_server in its own process (DALI's S3 client stalls against a server thread in this
+    one), with IAM checks on: the first 3 requests, unauthenticated, make a user and its key."""
+    import boto3
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=1)  # answers without auth
+                break
+            except OSError:
+                assert time.time() - t0 < 30 and proc.poll() is None, "moto_server did not start"
+                time.sleep(0.2)
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
+                           aws_secret_access_key="x")
+        iam.create_user(UserName="trainer")
+        iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+               "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_REGION": "us-east-1",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(store, "_clients", {})  # a client made with these settings
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def s3_shards(s3_server, exact_shards) -> str:
+    url = f"s3://{BUCKET}/exact"
+    saved = {k: os.environ.get(k) for k in s3_server}
+    os.environ.update(s3_server)
+    store._clients.clear()
+    try:
+        r = CliRunner().invoke(cli, ["upload", str(exact_shards), url])
+        assert r.exit_code == 0, r.output
+        assert r.stdout.strip().splitlines()[-1].startswith(f"uploaded 9 shards and their indexes, then manifest.json, to {url}")
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        store._clients.clear()
+    return url
+
+
+def one_sentence(r) -> str:
+    assert r.exit_code == 1, r.output
+    last = r.output.strip().splitlines()[-1]  # after a progress bar, if any
+    assert "Traceback" not in r.output and last.startswith("Error: ") and last.count(". ") == 0, r.output
+    return last
+
+
+def test_upload_puts_the_manifest_last_and_verify_reads_the_store(s3_env, s3_shards, exact_shards, monkeypatch):
+    r = CliRunner().invoke(cli, ["verify", s3_shards, "--decode", "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().endswith("ok: 9 shards, 64 samples, " + r.stdout.strip().split(", ")[2].split()[0]
+                                     + " MB, every image decoded")
+    assert one_sentence(CliRunner().invoke(cli, ["upload", str(exact_shards), s3_shards])).endswith(
+        f"{s3_shards} already holds a shard set; pass --overwrite to replace it.")
+    order = []
+    client = store.client()
+    real = client.upload_file
+    monkeypatch.setattr(client, "upload_file", lambda src, bucket, key, **kw: (order.append(key), real(src, bucket, key, **kw)))
+    r = CliRunner().invoke(cli, ["upload", str(exact_shards), s3_shards, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert len(order) == 19 and order[-1] == "exact/manifest.json"
+    assert CliRunner().invoke(cli, ["verify", s3_shards]).exit_code == 0
+
+
+def test_verify_names_a_damaged_shard_in_the_store(s3_env, exact_shards, tmp_path):
+    url = f"s3://{BUCKET}/damaged"
+    assert CliRunner().invoke(cli, ["upload", str(exact_shards), url]).exit_code == 0
+    bucket, key = store.split(url)
+    store.client().put_object(Bucket=bucket, Key=key + "/train-000001.tar", Body=b"\0" * 10240)
+    out = one_sentence(CliRunner().invoke(cli, ["verify", url]))
+    assert "bad shard train-000001.tar: train-000001.tar has 10240 bytes, the manifest says" in out
+
+
+@pytest.mark.parametrize("case, says", [
+    ("no_bucket", "the bucket nosuchbucket does not exist at http://127.0.0.1:"),
+    ("no_key", f"s3://{BUCKET}/nothing/manifest.json does not exist"),
+    ("bad_secret", "refused access to s3://depthseg/exact/manifest.json (SignatureDoesNotMatch); check"),
+    ("bad_key_id", "(InvalidAccessKeyId); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    ("dead_endpoint", "does not answer; check AWS_ENDPOINT_URL"),
+    ("silent_endpoint", "failed for s3://depthseg/exact/manifest.json (Read timeout on endpoint URL"),
+])
+def test_bad_store_input_is_one_sentence_in_bounded_time(s3_env, s3_shards, monkeypatch, case, says):
+    url = {"no_bucket": "s3://nosuchbucket/x", "no_key": f"s3://{BUCKET}/nothing"}.get(case, s3_shards)
+    if case == "bad_secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    if case == "bad_key_id":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY")
+    if case == "dead_endpoint":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    silent = socket.socket()  # accepts connections (the kernel's backlog) but never answers
+    if case == "silent_endpoint":
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setitem(store.TIMEOUTS, "read_timeout", 1)  # 3 attempts × 1 s, not × 10 s
+    t0 = time.time()
+    with silent:
+        out = one_sentence(CliRunner().invoke(cli, ["verify", url]))
+        assert says in out, out
+        out = one_sentence(CliRunner().invoke(cli, ["bench", "--shards", url, "--loader", "dali", "--res", "32"]))
+        assert says in out, out
+    assert time.time() - t0 < 30
+
+
+def test_evaluate_from_the_store_with_both_loaders(s3_env, s3_shards, exact_shards, trained_from_s3):
+    for loader in ("dali", "torch"):
+        args = ["evaluate", "--checkpoint", str(trained_from_s3 / "last.pt"), "--loader", loader, "--batch-size", "8", "--json"]
+        r = CliRunner().invoke(cli, args + ["--shards", s3_shards])
+        assert r.exit_code == 0, r.output
+        local = CliRunner().invoke(cli, args + ["--shards", str(exact_shards)])
+        assert json.loads(r.stdout) == json.loads(local.stdout)  # the same samples, the same figures
+        assert json.loads(r.stdout)["samples"] == 25
+
+
+@pytest.fixture(scope="module")
+def trained_from_s3(s3_server, s3_shards, tmp_path_factory) -> Path:
+    """2 ranks under torchrun read s3:// with the torch loader (DALI's S3 reads are slow against
+    moto's server: BENCHMARKS.md; DALI from s3:// is test_evaluate_from_the_store's)."""
+    out = tmp_path_factory.mktemp("s3run") / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "train" / "main.py"), "--shards", s3_shards, "--out", str(out), "--device", "cpu",
+           "--res", "32", "--batch-size", "4", "--epochs", "1", "--workers", "1", "--log-every", "2", "--loader", "torch"]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **s3_server, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 rank(s) on cpu" in r.stdout and "4 steps per epoch" in r.stdout
+    return out
+
+
+def test_two_ranks_train_from_the_store(trained_from_s3):
+    records = [json.loads(line) for line in (trained_from_s3 / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4]
+    assert [r["samples"] for r in records if r["kind"] == "val"] == [25]
