@@ -1,5 +1,6 @@
-"""Training loss: per head w_ssim·(1 − SSIM) + w_l1·L1 + w_edge·edge, plus w_bce·BCE on the
-mask head; total = mask + depth.
+"""Training loss: per head w_ssim·(1 − SSIM) + w_l1·L1 + w_edge·edge, plus w_bce·BCE and
+w_dice·Dice on the mask head (whose SSIM/L1/edge terms `mask_image_terms` can switch off);
+total = mask + depth.
 
     from train.losses import LossWeights, total_loss
     loss, parts = total_loss(mask_pred, depth_pred, batch["mask"], batch["depth"], LossWeights())
@@ -39,6 +40,11 @@ class LossWeights:
     # where the object is missed. Taken minus the target's entropy (so, the KL divergence): the
     # same gradient, and a perfect prediction of a soft (JPEG) mask still scores 0.
     w_bce: float = 1.0
+    # Mask head only: soft Dice over the batch (1 − 2|P∩G| / (|P| + |G|)), which weighs the
+    # object as a whole however small it is.
+    w_dice: float = 0.0
+    # Whether the mask head also gets the image terms above (SSIM, L1, edge), as the reference did.
+    mask_image_terms: bool = True
 
 
 def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,19 +71,30 @@ def kl_bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             + torch.xlogy(1 - target, 1 - target) - (1 - target) * log_q).mean()
 
 
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 − soft Dice of the whole batch; eps keeps an empty target and prediction at 0."""
+    inter = (pred * target).sum()
+    return 1 - (2 * inter + eps) / (pred.sum() + target.sum() + eps)
+
+
 def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights, bce: bool = False) -> torch.Tensor:
     """Loss of one head; pred and target are B×1×H×W in [0, 1], H and W at least 11 (the SSIM
     window). Computed in float32 with autocast off: SSIM's small constants (1e-4, 9e-4) and the
     differences of nearly equal means are lost in bf16."""
     with torch.autocast(device_type=pred.device.type, enabled=False):
         pred, target = pred.float(), target.float()
-        loss = weights.w_l1 * (pred - target).abs().mean()
-        if weights.w_ssim:
+        image_terms = not bce or weights.mask_image_terms  # bce: this is the mask head
+        loss = pred.new_zeros(())
+        if image_terms and weights.w_l1:
+            loss = loss + weights.w_l1 * (pred - target).abs().mean()
+        if image_terms and weights.w_ssim:
             loss = loss + weights.w_ssim * (1 - ssim(pred, target, data_range=1.0, size_average=True))
-        if weights.w_edge:
+        if image_terms and weights.w_edge:
             loss = loss + weights.w_edge * edge_loss(pred, target)
         if bce and weights.w_bce:
             loss = loss + weights.w_bce * kl_bce(pred, target)
+        if bce and weights.w_dice:
+            loss = loss + weights.w_dice * dice_loss(pred, target)
         return loss
 
 
