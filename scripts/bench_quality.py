@@ -15,6 +15,7 @@ longest run's validation after each epoch) into --work.
 A variant is a name from VARIANTS, or NAME=FLAGS for any train/main.py flags, e.g.
 --variant "fast-lr2e-3=--lr 2e-3". Quality at a number of samples seen does not depend on the
 machine's speed, so budgets compare recipes on a busy machine; wall time is what it was.
+The picture needs matplotlib (`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ VARIANTS = {
     "fast-dice": "--w-dice 0 --mask-image-terms",
     "fast-indep-aug": "--no-aug-shared",
     "fast+no-aug": "--no-augment",
-    "fast-lr5e-4": "--lr 5e-4",
-    "fast-lr2e-3": "--lr 2e-3",
+    "fast-lr1e-3": "--lr 1e-3",
     "fast-lr4e-3": "--lr 4e-3",
     "fast-onecycle": "--warmup 0.3",
     "fast-depth-l1": "--w-l1 1.0",
@@ -62,7 +62,6 @@ VARIANTS = {
     "fast-b128-linear": "--batch-size 128 --lr-scaling linear",
 }
 DATASET = {"num_bg": 24, "num_fg": 24, "placements": 4, "seed": 0}  # 4,608 samples, 5 % val
-RES = 64
 
 
 def parse_budget(text: str) -> int:
@@ -82,11 +81,11 @@ def dataset(work: Path) -> Path:
     return shards
 
 
-def baselines(shards: Path, device: str) -> dict:
+def baselines(shards: Path, device: str, res: int) -> dict:
     from pipeline.loaders import build_loader
     from train import baselines as bl
 
-    common = {"res": RES, "batch_size": 64, "loader": "torch", "device": device, "train": False, "workers": 1}
+    common = {"res": res, "batch_size": 64, "loader": "torch", "device": device, "train": False, "workers": 1}
     t0 = time.time()
     b = bl.fit(build_loader(shards, split="train", **common))
     m = bl.score(b, build_loader(shards, split="val", **common))
@@ -99,10 +98,10 @@ def run_one(name: str, flags: str, budget: int, a, shards: Path) -> dict:
 
     per_epoch = plan(shards, "train", a.batch_size, 0, a.ranks, True).batches * a.batch_size * a.ranks
     epochs = max(1, round(budget / per_epoch))
-    out = Path(a.work) / "runs" / f"{name}-{budget}"
+    out = Path(a.work) / "runs" / f"{name}-{a.res}px-{budget}"
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks)] if a.ranks > 1
                 else [sys.executable])
-    cmd = [*launcher, str(ROOT / "train" / "main.py"), "--shards", str(shards), "--out", str(out), "--res", str(RES),
+    cmd = [*launcher, str(ROOT / "train" / "main.py"), "--shards", str(shards), "--out", str(out), "--res", str(a.res),
            "--batch-size", str(a.batch_size), "--epochs", str(epochs), "--device", a.device, "--loader", a.loader,
            "--seed", str(a.seed), "--vis-samples", "0", "--log-every", "20", *a.train_args.split(), *shlex.split(flags)]
     if a.workers:
@@ -169,6 +168,7 @@ def main():
     p.add_argument("--work", default="/tmp/depthseg-bench-quality", help="dataset, shards, runs, results (default: %(default)s)")
     p.add_argument("--budgets", default="4k,16k,32k", help="samples seen, comma-separated (default: %(default)s)")
     p.add_argument("--variant", action="append", help=f"repeatable: {', '.join(VARIANTS)}, or NAME=FLAGS (default: reference, fast)")
+    p.add_argument("--res", type=int, default=64, help="training and validation resolution (default: %(default)s)")
     p.add_argument("--ranks", type=int, default=2, help="torchrun processes (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="per rank (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -184,7 +184,10 @@ def main():
                 for v in (a.variant or ["reference", "fast"])]
     budgets = [parse_budget(b) for b in a.budgets.split(",")]
     shards = dataset(work)
-    base = baselines(shards, "cpu")
+    cached = work / f"baselines-{a.res}px.json"  # the same shards, the same figures: fitted once
+    if not cached.is_file():
+        cached.write_text(json.dumps(baselines(shards, "cpu", a.res)))
+    base = json.loads(cached.read_text())
     print(f"baselines: threshold {base['threshold']:.2f} (train IoU {base['train_iou']:.4f}): val mask IoU "
           f"{base['mask/iou']:.4f}; mean depth map: val depth rms {base['depth/rms']:.4f}", flush=True)
     jobs = [(name, flags, b) for name, flags in variants for b in budgets]
@@ -192,7 +195,7 @@ def main():
         results = list(pool.map(lambda j: run_one(*j, a, shards), jobs))
     (work / "results.json").write_text(json.dumps({"baselines": base, "runs": results, "args": vars(a)}, indent=1))
     plot(results, base, work / "curves.png")
-    print(f"\n{a.ranks} rank(s) x batch {a.batch_size} on {a.device}, {RES} px, dataset {DATASET}\n")
+    print(f"\n{a.ranks} rank(s) x batch {a.batch_size} on {a.device}, {a.res} px, dataset {DATASET}\n")
     print(table(results, base))
     best = max(results, key=lambda r: r["final"]["mask_iou"])
     print(f"\n{len(results)} runs; best mask IoU {best['final']['mask_iou']:.4f} ({best['variant']}, "

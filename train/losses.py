@@ -63,10 +63,13 @@ def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def kl_bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """mean KL(target ‖ pred) per pixel = BCE − H(target). Logs are clamped at −100 as
-    F.binary_cross_entropy does, but a NaN prediction gives a NaN loss (which the trainer
-    reports) instead of an exception."""
-    log_p, log_q = pred.log().clamp(min=-100), (1 - pred).log().clamp(min=-100)
+    """mean KL(target ‖ pred) per pixel = BCE − H(target). The prediction is clamped to
+    [1e-7, 1 − 1e-7] before the logs: a float32 sigmoid saturates to exactly 0 or 1, where
+    clamping log's output instead (as F.binary_cross_entropy's −100) leaves a 0 · ∞ = NaN
+    gradient that turned the weights NaN under a finite loss. A NaN prediction still gives a
+    NaN loss (which the trainer reports) instead of an exception."""
+    p = pred.clamp(1e-7, 1 - 1e-7)
+    log_p, log_q = p.log(), (1 - p).log()
     return (torch.xlogy(target, target) - target * log_p
             + torch.xlogy(1 - target, 1 - target) - (1 - target) * log_q).mean()
 

@@ -59,7 +59,7 @@ class TrainSettings:
     recipe: str = field(default="fast", metadata={"help": "fast: the measured best (BENCHMARKS.md); reference: the seed's "
                                                            "Adam + StepLR + loss. Sets the options below that are not given"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw (decoupled weight decay) or adam (L2, the reference's)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate at a global batch of --lr-batch"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate at a global batch of --lr-batch"})
     lr_batch: int = field(default=32, metadata={"help": "global batch (all ranks) at which --lr applies"})
     lr_scaling: str = field(default="sqrt", metadata={"help": "how the learning rate follows the global batch: sqrt, linear or none"})
     schedule: str = field(default="cosine", metadata={"help": "cosine (to 0 at the run's last step, after --warmup) or step (StepLR)"})
