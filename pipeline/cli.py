@@ -209,8 +209,10 @@ def bench_cmd(loader, as_json, **kw):
 @click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@click.option("--baseline", is_flag=True, help="Also score the non-learned baselines (mask: |fg_bg - bg| > t, t "
+              "chosen on the train split; depth: the train split's mean map) and compare in the last line.")
 @user_errors
-def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_json):
+def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_json, baseline):
     """Print the metric table (rows Mask, Depth, Avg) of a checkpoint over a split."""
     import json
 
@@ -224,13 +226,25 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
     res = res or ckpt["res"]
     data = build_loader(shards, split=split, res=res, batch_size=batch_size, loader=loader, device=device, train=False)
     metrics, _ = evaluate(load_model(ckpt, device), data, device, progress=True)
+    base = None
+    if baseline:
+        from train import baselines
+
+        fitted = baselines.fit(build_loader(shards, split="train", res=res, batch_size=batch_size, loader=loader,
+                                            device=device, train=False))
+        base = baselines.score(fitted, data)
+        metrics.update({f"baseline/{k}": v for k, v in base.items()}, **{"baseline/threshold": fitted.threshold})
     if as_json:
         click.echo(json.dumps(metrics))
         return
     click.echo(format_table(metrics))
+    if base:
+        click.echo(f"baselines (mask |fg_bg - bg| > {fitted.threshold:.2f}, depth = the train split's mean map):\n"
+                   + format_table(base))
+    vs = (lambda key: f" (baseline {base[key]:.4f})") if base else (lambda key: "")
     click.echo(f"{split}: {int(metrics['samples']):,} samples at {res}px, loss {metrics['loss']:.4f}, "
-               f"mask IoU {metrics['mask/iou']:.4f}, depth rms {metrics['depth/rms']:.4f} "
-               f"({ckpt['model']} model, step {ckpt['step']})")
+               f"mask IoU {metrics['mask/iou']:.4f}{vs('mask/iou')}, depth rms {metrics['depth/rms']:.4f}"
+               f"{vs('depth/rms')} ({ckpt['model']} model, step {ckpt['step']})")
 
 
 @main.command("predict")

@@ -1,5 +1,6 @@
-"""Training loss: per head w_ssim·(1 − SSIM) + w_l1·L1 + w_edge·edge, plus w_bce·BCE on the
-mask head; total = mask + depth.
+"""Training loss: per head w_ssim·(1 − SSIM) + w_l1·L1 + w_edge·edge, plus w_bce·BCE and
+w_dice·Dice on the mask head (whose SSIM/L1/edge terms `mask_image_terms` can switch off);
+total = mask + depth.
 
     from train.losses import LossWeights, total_loss
     loss, parts = total_loss(mask_pred, depth_pred, batch["mask"], batch["depth"], LossWeights())
@@ -51,6 +52,11 @@ class LossWeights:
     # where the object is missed. Taken minus the target's entropy (so, the KL divergence): the
     # same gradient, and a perfect prediction of a soft (JPEG) mask still scores 0.
     w_bce: float = 1.0
+    # Mask head only: soft Dice over the batch (1 − 2|P∩G| / (|P| + |G|)), which weighs the
+    # object as a whole however small it is.
+    w_dice: float = 0.0
+    # Whether the mask head also gets the image terms above (SSIM, L1, edge), as the reference did.
+    mask_image_terms: bool = True
 
 
 def sobel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,12 +74,21 @@ def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def kl_bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """mean KL(target ‖ pred) per pixel = BCE − H(target). Logs are clamped at −100 as
-    F.binary_cross_entropy does, but a NaN prediction gives a NaN loss (which the trainer
-    reports) instead of an exception."""
-    log_p, log_q = pred.log().clamp(min=-100), (1 - pred).log().clamp(min=-100)
+    """mean KL(target ‖ pred) per pixel = BCE − H(target). The prediction is clamped to
+    [1e-7, 1 − 1e-7] before the logs: a float32 sigmoid saturates to exactly 0 or 1, where
+    clamping log's output instead (as F.binary_cross_entropy's −100) leaves a 0 · ∞ = NaN
+    gradient that turned the weights NaN under a finite loss. A NaN prediction still gives a
+    NaN loss (which the trainer reports) instead of an exception."""
+    p = pred.clamp(1e-7, 1 - 1e-7)
+    log_p, log_q = p.log(), (1 - p).log()
     return (torch.xlogy(target, target) - target * log_p
             + torch.xlogy(1 - target, 1 - target) - (1 - target) * log_q).mean()
+
+
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 − soft Dice of the whole batch; eps keeps an empty target and prediction at 0."""
+    inter = (pred * target).sum()
+    return 1 - (2 * inter + eps) / (pred.sum() + target.sum() + eps)
 
 
 def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights, bce: bool = False) -> torch.Tensor:
@@ -82,14 +97,19 @@ def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights, bc
     differences of nearly equal means are lost in bf16."""
     with torch.autocast(device_type=pred.device.type, enabled=False):
         pred, target = pred.float(), target.float()
-        loss = weights.w_l1 * (pred - target).abs().mean()
-        if weights.w_ssim:
+        image_terms = not bce or weights.mask_image_terms  # bce: this is the mask head
+        loss = pred.new_zeros(())
+        if image_terms and weights.w_l1:
+            loss = loss + weights.w_l1 * (pred - target).abs().mean()
+        if image_terms and weights.w_ssim:
             loss = loss + weights.w_ssim * (1 - ssim(pred, target, data_range=1.0, size_average=True,
                                                            win=_kernels(pred.device, pred.dtype)[2]))
-        if weights.w_edge:
+        if image_terms and weights.w_edge:
             loss = loss + weights.w_edge * edge_loss(pred, target)
         if bce and weights.w_bce:
             loss = loss + weights.w_bce * kl_bce(pred, target)
+        if bce and weights.w_dice:
+            loss = loss + weights.w_dice * dice_loss(pred, target)
         return loss
 
 

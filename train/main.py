@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from train.dist import DistContext, all_reduce_sum, cleanup, print0, setup
 from train.evaluate import evaluate, model_input
 from train.losses import LossWeights, total_loss
 from train.metrics import format_table
-from train.model import MODELS, build_model
+from train.model import MODELS, build_model, init_output_bias
 from train.visualize import save_grid
 
 DEFAULT_BATCH = {64: 64, 128: 64, 224: 16}  # the reference's; raise them on a big GPU
@@ -67,16 +67,29 @@ class TrainSettings:
     res: int = field(default=224, metadata={"help": "square training resolution, a multiple of 4"})
     epochs: int = field(default=5, metadata={"help": "epochs to train"})
     batch_size: int = field(default=0, metadata={"help": "per rank; 0 = by --res: on the CPU the reference's (64 at 64 and 128, 16 at 224), on a GPU 1024, 256, 128"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "Adam weight decay"})
+    recipe: str = field(default="fast", metadata={"help": "fast: the measured best (BENCHMARKS.md); reference: the seed's "
+                                                           "Adam + StepLR + loss. Sets the options below that are not given"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (decoupled weight decay) or adam (L2, the reference's)"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate at a global batch of --lr-batch"})
+    lr_batch: int = field(default=32, metadata={"help": "global batch (all ranks) at which --lr applies"})
+    lr_scaling: str = field(default="sqrt", metadata={"help": "how the learning rate follows the global batch: sqrt, linear or none"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine (to 0 at the run's last step, after --warmup) or step (StepLR)"})
+    warmup: float = field(default=0.05, metadata={"help": "linear warm-up over this fraction of the run's steps"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
     lr_step: int = field(default=2, metadata={"help": "StepLR: epochs between learning-rate drops"})
     lr_gamma: float = field(default=0.5, metadata={"help": "StepLR: factor of each drop"})
     model: str = field(default="reference", metadata={"help": f"model: {', '.join(MODELS)}"})
-    dropout: float = field(default=0.2, metadata={"help": "dropout in the encoder's blocks"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout in the encoder's blocks"})
+    mask_prior: float = field(default=0.1, metadata={"help": "initial mask output (the foreground fraction); 0 = PyTorch's default init"})
+    depth_prior: float = field(default=0.5, metadata={"help": "initial depth output; 0 = PyTorch's default init"})
     w_ssim: float = field(default=LossWeights.w_ssim, metadata={"help": "loss weight of 1 - SSIM, per head"})
     w_l1: float = field(default=LossWeights.w_l1, metadata={"help": "loss weight of L1, per head"})
     w_edge: float = field(default=LossWeights.w_edge, metadata={"help": "loss weight of the Sobel edge term, per head"})
     w_bce: float = field(default=LossWeights.w_bce, metadata={"help": "loss weight of BCE (as KL) on the mask head"})
+    w_dice: float = field(default=1.0, metadata={"help": "loss weight of soft Dice on the mask head"})
+    mask_image_terms: bool = field(default=False, metadata={"help": "the mask head also gets the SSIM, L1 and edge terms"})
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across ranks (BatchNorm statistics of the global batch)"})
+    aug_shared: bool = field(default=True, metadata={"help": "photometric augmentation drawn once per sample for bg and fg_bg"})
     loader: str = field(default="dali", metadata={"help": "dali, torch, or synthetic (random tensors: the model alone)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
     workers: int = field(default=0, metadata={"help": "loader threads (dali) or processes (torch) per rank; 0 = cores / ranks"})
@@ -101,6 +114,37 @@ class TrainSettings:
         if self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available()):
             return GPU_BATCH.get(self.res, 128 if self.res > 128 else 256)
         return DEFAULT_BATCH.get(self.res, 16 if self.res > 128 else 64)
+
+
+# What --recipe sets, unless given on the command line. "fast" is the dataclass defaults above.
+RECIPES = {
+    "fast": {},
+    "reference": {"optimizer": "adam", "lr": 1e-3, "lr_scaling": "none", "schedule": "step", "warmup": 0.0,
+                  "dropout": 0.2, "mask_prior": 0.0, "depth_prior": 0.0, "w_dice": 0.0, "mask_image_terms": True,
+                  "sync_bn": False, "aug_shared": False},
+}
+CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adamw", "adam"), "lr_scaling": ("sqrt", "linear", "none"),
+           "schedule": ("cosine", "step")}
+
+
+def lr_factor(step: int, total: int, steps_per_epoch: int, s: "TrainSettings") -> float:
+    """The learning rate at optimizer step `step` (0-based) of a `total`-step run, as a fraction
+    of the peak. step: StepLR by epochs. cosine: linear warm-up over the first --warmup of the
+    run, then half a cosine to 0 at its last step (warmup 0.3 is one-cycle's shape)."""
+    if s.schedule == "step":
+        return s.lr_gamma ** (step // max(1, steps_per_epoch) // s.lr_step)
+    warm = round(s.warmup * total)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def peak_lr(s: "TrainSettings", global_batch: int) -> float:
+    """--lr moved to the global batch: linear (Goyal et al. 2017, for SGD) or square root (what
+    keeps Adam's update noise level, Malladi et al. 2022)."""
+    ratio = global_batch / s.lr_batch
+    return s.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[s.lr_scaling]
 
 
 class NonFiniteLoss(Exception):
@@ -129,17 +173,20 @@ def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
         elif isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=shown, help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=type(default), default=shown, help=f"{f.metadata['help']} (default: {default})")
+            p.add_argument(flag, type=type(default), default=shown, choices=CHOICES.get(f.name),
+                           help=f"{f.metadata['help']} (default: {default})")
     return p
 
 
 def settings_from(argv: list[str] | None) -> TrainSettings:
     """The command line's settings; with --resume, the run's own, changed only where allowed."""
+    given = vars(get_args_parser(only_given=True).parse_args(argv))
     s = TrainSettings(**vars(get_args_parser().parse_args(argv)))
+    s = replace(s, **{k: v for k, v in RECIPES[s.recipe].items() if k not in given})
     last = Path(s.out) / "last.pt"
     if not s.resume or not last.is_file():
         return s
-    saved, given = checkpoint.load(last)["settings"], vars(get_args_parser(only_given=True).parse_args(argv))
+    saved = checkpoint.load(last)["settings"]
     differ = [k for k, v in given.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if differ:
         k = differ[0]
@@ -158,16 +205,34 @@ class Run:
         self.gpu = ctx.device.type == "cuda"
         self.autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self.gpu and s.bf16 else nullcontext)
         self.channels_last = self.gpu and s.channels_last
-        self.weights = LossWeights(s.w_ssim, s.w_l1, s.w_edge, s.w_bce)
-        self.raw = build_model(s.model, dropout=s.dropout).to(ctx.device)
+        self.weights = LossWeights(s.w_ssim, s.w_l1, s.w_edge, s.w_bce, s.w_dice, s.mask_image_terms)
+        self.raw = build_model(s.model, dropout=s.dropout)
+        init_output_bias(self.raw, s.mask_prior, s.depth_prior)
+        if s.sync_bn and ctx.world_size > 1:
+            self.raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.raw)
+        self.raw = self.raw.to(ctx.device)
         if self.channels_last:
             self.raw = self.raw.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.Adam(self.raw.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=s.lr_step, gamma=s.lr_gamma)
+        optimizer = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer(self.raw.parameters(), lr=peak_lr(s, s.batch() * ctx.world_size),
+                                   weight_decay=s.weight_decay, fused=self.gpu or None)
+        # Stepped after every optimizer step; its state (the step count) goes into checkpoints.
+        # The run's length is known once the loader is: train() sets steps_per_epoch first.
+        self.steps_per_epoch = 1
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_loss, self.metrics, self.last_saved = math.inf, {}, 0
         self.out = Path(s.out)
         self.train_loader, self.loader_state, self.resumed_from = None, None, None
+
+    def lr_factor(self, step: int) -> float:
+        return lr_factor(step, self.s.epochs * self.steps_per_epoch, self.steps_per_epoch, self.s)
+
+    def start_schedule(self, steps_per_epoch: int) -> None:
+        """The learning rate of the current step, now that the run's length is known."""
+        self.steps_per_epoch = steps_per_epoch
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.lr_factor(self.step)
 
     def wrap(self) -> torch.nn.Module:
         """Compile before the DDP wrap; the unwrapped model (self.raw) is what gets saved."""
@@ -269,6 +334,7 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
+        run.scheduler.step()
         run.step, run.epoch_step, n = run.step + 1, run.epoch_step + 1, n + 1
         sums += torch.stack([loss.detach(), parts["mask"], parts["depth"], (~torch.isfinite(loss.detach())).float()])
         bar.update()
@@ -343,7 +409,7 @@ def prepare(run: Run) -> None:
 def loaders(run: Run):
     s, ctx = run.s, run.ctx
     workers = s.workers or max(1, (os.cpu_count() or 1) // ctx.world_size)
-    aug = Augment(rotate_interp=s.rotate_interp) if s.augment else Augment.off()
+    aug = Augment(rotate_interp=s.rotate_interp, shared=s.aug_shared) if s.augment else Augment.off()
     common = {"res": s.res, "batch_size": s.batch(), "loader": s.loader, "device": str(ctx.device),
               "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers}
     if s.loader == "dali" and s.hw_decoder_load >= 0:
@@ -372,6 +438,7 @@ def train(s: TrainSettings, ctx: DistContext) -> int:
         (run.out / "settings.json").write_text(json.dumps(asdict(s), indent=1) + "\n")
     train_loader, val_loader = loaders(run)
     run.train_loader = train_loader
+    run.start_schedule(len(train_loader))
     model = run.wrap()
     from torch.utils.tensorboard import SummaryWriter
 
@@ -394,7 +461,6 @@ def _epochs(run: Run, model, train_loader, val_loader, writer, stop: StopRequest
                 print0(ctx, f"{'SIGTERM' if outcome == 'stopped' else '--max-steps'}: saved {run.out / 'last.pt'} at step {run.step}")
                 return 0
             validate(run, model, val_loader, writer)
-            run.scheduler.step()
             run.epoch, run.epoch_step = run.epoch + 1, 0
             improved = run.metrics["loss"] < run.best_loss
             run.best_loss = min(run.best_loss, run.metrics["loss"])

@@ -24,6 +24,8 @@ that follows the usual conventions throughout and gives exactly the reference's 
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -50,10 +52,10 @@ class BasicBlock(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-def stem(dropout: float) -> nn.Sequential:
-    """One image (3 channels) to 32 full-resolution features."""
+def stem(dropout: float, cin: int = 3) -> nn.Sequential:
+    """One image (3 channels, or `cin`) to 32 full-resolution features."""
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
         BasicBlock(32, 32, dropout=dropout), BasicBlock(32, 32, dropout=dropout),
     )
 
@@ -102,11 +104,15 @@ class Decoder(nn.Module):
 
 class ReferenceNet(nn.Module):
     """The reference two-stream encoder with a mask decoder (64 features) and a depth decoder
-    (128: depth is the harder, denser target). Input B×6×H×W, H and W multiples of 4."""
+    (128: depth is the harder, denser target). Input B×6×H×W, H and W multiples of 4.
 
-    def __init__(self, dropout: float = 0.2):
+    diff=True (the "diff" model): the fg_bg stream also sees |fg_bg − bg| (3 more input
+    channels, 864 more weights), the cue a change detector starts from."""
+
+    def __init__(self, dropout: float = 0.2, diff: bool = False):
         super().__init__()
-        self.bg_stem, self.fg_bg_stem = stem(dropout), stem(dropout)
+        self.diff = diff
+        self.bg_stem, self.fg_bg_stem = stem(dropout), stem(dropout, 6 if diff else 3)
         self.stage1 = stage(64, 128, dropout)
         self.stage2 = stage(128, 256, dropout)
         self.mask_head, self.depth_head = Decoder(64), Decoder(128)
@@ -115,14 +121,26 @@ class ReferenceNet(nn.Module):
         if x.shape[-2] % 4 or x.shape[-1] % 4:
             # Two stride-2 stages and two ×2 upsamplings: other sizes cannot meet their skips.
             raise ValueError(f"input height and width must be multiples of 4, got {tuple(x.shape[-2:])}")
-        skip2 = torch.cat([self.bg_stem(x[:, :3]), self.fg_bg_stem(x[:, 3:])], 1)
+        bg, fg_bg = x[:, :3], x[:, 3:]
+        if self.diff:
+            fg_bg = torch.cat([fg_bg, (fg_bg - bg).abs()], 1)
+        skip2 = torch.cat([self.bg_stem(bg), self.fg_bg_stem(fg_bg)], 1)
         skip1 = self.stage1(skip2)
         bottleneck = self.stage2(skip1)
         return self.mask_head(bottleneck, skip1, skip2), self.depth_head(bottleneck, skip1, skip2)
 
 
 # name -> constructor(dropout=...); add variants here and they become `--model` choices.
-MODELS: dict[str, Callable[..., nn.Module]] = {"reference": ReferenceNet}
+MODELS: dict[str, Callable[..., nn.Module]] = {"reference": ReferenceNet, "diff": partial(ReferenceNet, diff=True)}
+
+
+def init_output_bias(model: nn.Module, mask_prior: float, depth_prior: float) -> None:
+    """Start each head's sigmoid at its target's mean (the foreground fraction; the mean depth)
+    instead of 0.5, so the first steps learn where things are rather than the overall level
+    (the focal-loss paper's prior init). A prior of 0 leaves PyTorch's default (bias ~ 0)."""
+    for head, prior in ((model.mask_head, mask_prior), (model.depth_head, depth_prior)):
+        if prior:
+            nn.init.constant_(head.out.bias, math.log(prior / (1 - prior)))
 
 
 def build_model(name: str = "reference", dropout: float = 0.2) -> nn.Module:

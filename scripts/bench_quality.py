@@ -1,0 +1,206 @@
+"""Model quality at fixed budgets of samples seen, against non-learned baselines.
+
+    python scripts/bench_quality.py --work /work/bench/quality --budgets 4k,16k,32k \\
+        --variant reference --variant fast
+
+A seeded procedural dataset (make-dataset → shard, made once in --work) is trained on at 64 px
+by train/main.py (torchrun when --ranks > 1) for each variant and each budget of samples seen
+(a whole number of epochs: an epoch is ~4.3k samples at 2 ranks × 16), each budget a run of its
+own so its schedule spans it. Every run is scored on the val split, and so are the baselines:
+mask = max_c |fg_bg − bg| > t with t chosen on the train split, depth = the train split's mean
+depth map. Prints one table (markdown), writes results.json and curves.png (validation metric
+against samples seen, one line per variant: solid = the end of each budget's run, dotted = the
+longest run's validation after each epoch) into --work.
+
+A variant is a name from VARIANTS, or NAME=FLAGS for any train/main.py flags, e.g.
+--variant "fast-lr2e-3=--lr 2e-3". Quality at a number of samples seen does not depend on the
+machine's speed, so budgets compare recipes on a busy machine; wall time is what it was.
+The picture needs matplotlib (`pip install -e '.[bench]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Named recipes: train/main.py flags. "fast" is the default recipe; the others change one thing
+# of "reference" (the seed's recipe) or of "fast", to see what each factor is worth.
+VARIANTS = {
+    "reference": "--recipe reference",
+    "fast": "",
+    "fast-diff": "--model diff",
+    # one factor of the reference changed at a time
+    "ref+cosine": "--recipe reference --schedule cosine --warmup 0.05",
+    "ref+adamw": "--recipe reference --optimizer adamw",
+    "ref+nodropout": "--recipe reference --dropout 0",
+    "ref+prior": "--recipe reference --mask-prior 0.1 --depth-prior 0.5",
+    "ref+dice": "--recipe reference --w-dice 1 --no-mask-image-terms",
+    "ref+shared-aug": "--recipe reference --aug-shared",
+    "ref+no-aug": "--recipe reference --no-augment",
+    # one factor of the fast recipe taken back or pushed
+    "fast-step": "--schedule step",
+    "fast+dropout": "--dropout 0.2",
+    "fast-prior": "--mask-prior 0 --depth-prior 0",
+    "fast-dice": "--w-dice 0 --mask-image-terms",
+    "fast-indep-aug": "--no-aug-shared",
+    "fast+no-aug": "--no-augment",
+    "fast-lr1e-3": "--lr 1e-3",
+    "fast-lr4e-3": "--lr 4e-3",
+    "fast-onecycle": "--warmup 0.3",
+    "fast-depth-l1": "--w-l1 1.0",
+    "fast-b128-sqrt": "--batch-size 128",
+    "fast-b128-linear": "--batch-size 128 --lr-scaling linear",
+}
+DATASET = {"num_bg": 24, "num_fg": 24, "placements": 4, "seed": 0}  # 4,608 samples, 5 % val
+
+
+def parse_budget(text: str) -> int:
+    return int(float(text[:-1]) * 1000) if text.lower().endswith("k") else int(text)
+
+
+def dataset(work: Path) -> Path:
+    """make-dataset → shard, once; the shards are reused while their manifest is there."""
+    from pipeline.make_dataset import MakeSettings, make_dataset
+    from pipeline.shard import ShardSettings, shard
+
+    shards = work / "shards"
+    if not (shards / "manifest.json").is_file():
+        make_dataset(MakeSettings(out=str(work / "data"), overwrite=True, workers=os.cpu_count() or 1, **DATASET))
+        shard(ShardSettings(src=(str(work / "data"),), out=str(shards), shard_size=500, overwrite=True,
+                            workers=os.cpu_count() or 1), log=lambda *_: None)
+    return shards
+
+
+def baselines(shards: Path, device: str, res: int) -> dict:
+    from pipeline.loaders import build_loader
+    from train import baselines as bl
+
+    common = {"res": res, "batch_size": 64, "loader": "torch", "device": device, "train": False, "workers": 1}
+    t0 = time.time()
+    b = bl.fit(build_loader(shards, split="train", **common))
+    m = bl.score(b, build_loader(shards, split="val", **common))
+    return {**m, "threshold": b.threshold, "train_iou": b.train_iou, "wall_s": time.time() - t0}
+
+
+def run_one(name: str, flags: str, budget: int, a, shards: Path) -> dict:
+    """One training run of `budget` samples seen (rounded to whole epochs); its val records."""
+    from pipeline.epoch import plan
+
+    per_epoch = plan(shards, "train", a.batch_size, 0, a.ranks, True).batches * a.batch_size * a.ranks
+    epochs = max(1, round(budget / per_epoch))
+    out = Path(a.work) / "runs" / f"{name}-{a.res}px-{budget}"
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks)] if a.ranks > 1
+                else [sys.executable])
+    cmd = [*launcher, str(ROOT / "train" / "main.py"), "--shards", str(shards), "--out", str(out), "--res", str(a.res),
+           "--batch-size", str(a.batch_size), "--epochs", str(epochs), "--device", a.device, "--loader", a.loader,
+           "--seed", str(a.seed), "--vis-samples", "0", "--log-every", "20", *a.train_args.split(), *shlex.split(flags)]
+    if a.workers:
+        cmd += ["--workers", str(a.workers)]
+    if not (out / "done.json").is_file():  # a finished run is kept: rerunning adds only what is missing
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        t0 = time.time()
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // a.ranks))}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{name} at {budget} failed:\n{proc.stdout[-3000:]}")
+        (out / "done.json").write_text(json.dumps({"wall_s": time.time() - t0, "command": shlex.join(cmd)}))
+    done = json.loads((out / "done.json").read_text())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    global_batch = json.loads((out / "settings.json").read_text())["batch_size"] * a.ranks  # a variant may set its own
+    curve = [{**r, "seen": r["step"] * global_batch} for r in log if r["kind"] == "val"]
+    print(f"{name:>16} {budget:>7,}: mask IoU {curve[-1]['mask_iou']:.4f}, depth rms {curve[-1]['depth_rms']:.4f} "
+          f"({done['wall_s']:.0f} s)", flush=True)
+    return {"variant": name, "flags": flags, "budget": budget, "epochs": epochs, "final": curve[-1], "curve": curve, **done}
+
+
+COLUMNS = (("mask_iou", "mask IoU"), ("mask_rms", "mask rms"), ("mask_t1", "mask t<1.25"),
+           ("depth_rms", "depth rms"), ("depth_t1", "depth t<1.25"), ("depth_abs_rel", "depth abs-rel"))
+
+
+def table(results: list[dict], base: dict) -> str:
+    head = "| variant | samples seen | " + " | ".join(t for _, t in COLUMNS) + " | wall s |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    lines.append(f"| baselines (threshold {base['threshold']:.2f}, mean depth) | 0 | "
+                 + " | ".join(f"{base[k.replace('_', '/', 1)]:.4f}" for k, _ in COLUMNS) + f" | {base['wall_s']:.0f} |")
+    for r in results:
+        f = r["final"]
+        lines.append(f"| {r['variant']} | {f['seen']:,} | " + " | ".join(f"{f[k]:.4f}" for k, _ in COLUMNS)
+                     + f" | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], base: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("mask_iou", "mask IoU"), ("depth_rms", "depth rms"), ("depth_t1", "depth t<1.25"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    names = list(dict.fromkeys(r["variant"] for r in results))
+    for i, name in enumerate(names):
+        runs = sorted((r for r in results if r["variant"] == name), key=lambda r: r["budget"])
+        color = f"C{i % 10}"
+        for ax, (key, title) in zip(axes, panels):
+            ax.plot([r["final"]["seen"] for r in runs], [r["final"][key] for r in runs], "o-", color=color, label=name)
+            ax.plot([c["seen"] for c in runs[-1]["curve"]], [c[key] for c in runs[-1]["curve"]], ":", color=color)
+    for ax, (key, title) in zip(axes, panels):
+        ax.axhline(base[key.replace("_", "/", 1)], color="k", ls="--", lw=1, label="baseline")
+        ax.set(title=title, xlabel="samples seen")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/depthseg-bench-quality", help="dataset, shards, runs, results (default: %(default)s)")
+    p.add_argument("--budgets", default="4k,16k,32k", help="samples seen, comma-separated (default: %(default)s)")
+    p.add_argument("--variant", action="append", help=f"repeatable: {', '.join(VARIANTS)}, or NAME=FLAGS (default: reference, fast)")
+    p.add_argument("--res", type=int, default=64, help="training and validation resolution (default: %(default)s)")
+    p.add_argument("--ranks", type=int, default=2, help="torchrun processes (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="per rank (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--loader", default="dali", help="dali or torch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="loader workers per rank; 0 = the trainer's default")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, e.g. several on one GPU (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the trainer's seed (default: %(default)s)")
+    p.add_argument("--train-args", default="", help="more train/main.py flags for every run, e.g. '--no-bf16'")
+    a = p.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    variants = [(v.split("=", 1)[0], v.split("=", 1)[1]) if "=" in v else (v, VARIANTS[v])
+                for v in (a.variant or ["reference", "fast"])]
+    budgets = [parse_budget(b) for b in a.budgets.split(",")]
+    shards = dataset(work)
+    cached = work / f"baselines-{a.res}px.json"  # the same shards, the same figures: fitted once
+    if not cached.is_file():
+        cached.write_text(json.dumps(baselines(shards, "cpu", a.res)))
+    base = json.loads(cached.read_text())
+    print(f"baselines: threshold {base['threshold']:.2f} (train IoU {base['train_iou']:.4f}): val mask IoU "
+          f"{base['mask/iou']:.4f}; mean depth map: val depth rms {base['depth/rms']:.4f}", flush=True)
+    jobs = [(name, flags, b) for name, flags in variants for b in budgets]
+    with ThreadPoolExecutor(a.jobs) as pool:
+        results = list(pool.map(lambda j: run_one(*j, a, shards), jobs))
+    (work / "results.json").write_text(json.dumps({"baselines": base, "runs": results, "args": vars(a)}, indent=1))
+    plot(results, base, work / "curves.png")
+    print(f"\n{a.ranks} rank(s) x batch {a.batch_size} on {a.device}, {a.res} px, dataset {DATASET}\n")
+    print(table(results, base))
+    best = max(results, key=lambda r: r["final"]["mask_iou"])
+    print(f"\n{len(results)} runs; best mask IoU {best['final']['mask_iou']:.4f} ({best['variant']}, "
+          f"{best['final']['seen']:,} samples) vs threshold baseline {base['mask/iou']:.4f}; curves in {work / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
