@@ -164,8 +164,9 @@ def _worker_init(_):
 
 class DeviceAugment(torch.nn.Module):
     """Float B×8×H×W batches (bg, fg_bg, mask, depth) on the device → augmented, with kornia.
-    Parameters are drawn per sample on the device; skipped samples are kept by torch.where, so
-    nothing waits for the device. Same mapping of `Augment` as cpu_transforms."""
+    Every parameter is drawn per sample: kornia's own on the CPU (moved without blocking), the
+    one-of choice, noise and holes here on the device; skipped samples are kept by torch.where,
+    so nothing waits for the device. Same mapping of `Augment` as cpu_transforms."""
 
     def __init__(self, aug: Augment):
         import kornia.augmentation as K
