@@ -95,8 +95,11 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(exact_shards, tmp
            "--monitor-interval", "0.2", str(ROOT / "train" / "main.py"), "--shards", str(exact_shards), "--out", str(out),
            "--device", "cpu", "--res", "32", "--batch-size", "4", "--epochs", "3", "--workers", "1", "--log-every", "1",
            "--ckpt-every", "2", "--resume", "auto", "--no-augment", "--vis-samples", "0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # The workers' own store, not the agent's: with the shared one a restarted worker can read
+    # its peer's address of the previous attempt (pytorch/pytorch#135712; seen here too).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         t0 = time.time()
         while not (out / "last.pt").exists():
