@@ -225,7 +225,12 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
     ckpt = load(ckpt_path)
     res = res or ckpt["res"]
     data = build_loader(shards, split=split, res=res, batch_size=batch_size, loader=loader, device=device, train=False)
-    metrics, _ = evaluate(load_model(ckpt, device), data, device, progress=True)
+    from train.losses import LossWeights
+
+    saved = ckpt.get("settings", {})  # the run's own loss, so the loss printed is the one it was trained on
+    weights = LossWeights(**{k: saved[k] for k in ("w_ssim", "w_l1", "w_edge", "w_bce", "w_dice", "mask_image_terms")
+                             if k in saved})
+    metrics, _ = evaluate(load_model(ckpt, device), data, device, weights, progress=True)
     base = None
     if baseline:
         from train import baselines
