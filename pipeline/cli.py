@@ -262,7 +262,7 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
 @click.option("--batch-size", default=16, show_default=True, help="Pairs per model call.")
 @click.option("--workers", default=min(4, CPUS), show_default=True, help="Threads that read, resize and write images.")
 @click.option("--threads", default=0, help="CPU threads of the model (torch or onnxruntime). (default: the library's, all cores)")
-@click.option("--side/--no-side", default=True, show_default=True, help="Also write <name>_side.png (half the writing time).")
+@click.option("--side/--no-side", default=True, show_default=True, help="Also write <name>_side.png (most of the writing time).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @user_errors
 def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, threads, side, device):

@@ -1,6 +1,6 @@
 """Pairs/s of `depthcli predict`: PyTorch against onnxruntime, batch 1 and 32, in one run.
 
-    .venv/bin/python scripts/bench_predict.py --pairs 64 --res 224 --rounds 3 --threads 1
+    .venv/bin/python scripts/bench_predict.py --pairs 32 --res 224 --rounds 2 --threads 1
 
 Makes --pairs synthetic pairs (--size JPEGs, like downscaled photos), a checkpoint of random
 weights (speed does not depend on the weights) and its ONNX export (float32, and --fp16), then

@@ -102,7 +102,7 @@ def load_pair(bg_path: Path, fg_path: Path, res: int) -> Loaded:
 
 def save_pair(out_dir: Path, pair: Loaded, mask: np.ndarray, depth: np.ndarray, side: bool = True) -> Path:
     """<stem>_mask.png and <stem>_depth.png at the input's size, and <stem>_side.png
-    (bg | fg_bg | mask | depth) if `side`: the widest PNG, as slow to write as all the rest."""
+    (bg | fg_bg | mask | depth) if `side`: the widest PNG, most of the writing time."""
     stem = pair.fg_path.stem
     mask_img, depth_img = _to_image(mask, pair.fg_bg.size), _to_image(depth, pair.fg_bg.size)
     mask_img.save(out_dir / f"{stem}_mask.png")
