@@ -12,6 +12,7 @@ depth there, and is scaled by it (nearer is larger), so size, position and depth
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import shutil
@@ -390,6 +391,9 @@ def make_dataset(s: MakeSettings) -> dict:
 
     labels: dict[int, list[str]] = {}
     nbytes = 0
+    # A forked child that garbage-collects a DALI pipeline of its parent's (the tests, bench) waits
+    # forever for threads that did not fork: collect such garbage here, in the parent, first.
+    gc.collect()
     with get_context("fork").Pool(max(1, s.workers), _init_worker, (s, bg_files, fg_files)) as pool, \
             tqdm(total=total, unit="sample", desc="make-dataset", smoothing=0.05) as bar:
         try:

@@ -10,6 +10,7 @@ options keeps the finished shards and writes the rest; manifest.json is written 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -206,6 +207,9 @@ def shard(s: ShardSettings, log=print) -> dict:
         log(f"continuing an unfinished run: {len(done)} of {len(tasks)} shards already written")
     records = dict(done)
     todo = [t for t in tasks if t.name not in done]
+    # A forked child that garbage-collects a DALI pipeline of its parent's (the tests, bench) waits
+    # forever for threads that did not fork: collect such garbage here, in the parent, first.
+    gc.collect()
     with get_context("fork").Pool(max(1, min(s.workers, len(todo) or 1)), _init_worker, (s.src,)) as pool, \
             tqdm(total=found.found, initial=len(found.skipped) + sum(len(t.samples) for t in tasks if t.name in done),
                  unit="sample", desc="shard", smoothing=0.05) as bar:

@@ -292,7 +292,7 @@ class TorchLoader:
         tars = self._part_tars()
         stage = SampleStage(None if self.on_device else self.aug, self.res, rank_seed, floats=not self.on_device)
         ds = (wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=None, seed=rank_seed, empty_check=False)
-              .compose(_in_part(self.plan)).shuffle(SHUFFLE_BUFFER).map(stage)
+              .compose(_in_part(self.plan)).shuffle(SHUFFLE_BUFFER, seed=rank_seed).map(stage)
               .batched(self.plan.batch_size, collation_fn=default_collate, partial=False).repeat())  # stacks into shared memory
         return self._loader(ds, tars)
 

@@ -11,6 +11,7 @@ shard and names it.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -138,6 +139,9 @@ def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cp
     if t["packed"] + t["skipped"] != t["found"] or t["skipped"] != len(manifest["skipped"]):
         raise VerifyError("the manifest's totals do not add up (packed + skipped != found).")
     sizes = {e["tar"]: e["bytes"] for e in entries}
+    # A forked child that garbage-collects a DALI pipeline of its parent's (the tests, bench) waits
+    # forever for threads that did not fork: collect such garbage here, in the parent, first.
+    gc.collect()
     with get_context("fork").Pool(max(1, min(workers, len(entries) or 1))) as pool, \
             tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify") as bar:
         for name, problem in pool.imap(_verify_star, [(folder, e, decode) for e in entries]):

@@ -88,3 +88,16 @@ def exact_shards(tmp_path_factory) -> Path:
     out = root / "shards"
     shard(ShardSettings(src=(str(src),), out=str(out), shard_size=8, val_fraction=0.39, workers=1), log=lambda *_: None)
     return out
+
+
+def child_pids(pid: int) -> list[int]:
+    """The worker processes torchrun started."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import child_pids
 from pipeline.augment import Augment
 from pipeline.loaders import build_loader
 from train.main import main as train_main
@@ -75,18 +76,6 @@ def test_trainer_resumed_mid_epoch_sees_the_same_batches(exact_shards, tmp_path)
                                                      "exact": True, "restart": 0}]
 
 
-def workers_of(pid: int) -> list[int]:
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
 def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(exact_shards, tmp_path):
     """2 ranks × batch 4: 4 steps an epoch, 12 planned. One worker is SIGKILLed after the
     checkpoint of step 2; torchrun restarts the group once and --resume auto continues."""
@@ -105,7 +94,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(exact_shards, tmp
         while not (out / "last.pt").exists():
             assert time.time() - t0 < 240 and proc.poll() is None, "no checkpoint was written"
             time.sleep(0.1)
-        os.kill(max(workers_of(proc.pid)), signal.SIGKILL)  # rank 1, mid-epoch 1
+        os.kill(max(child_pids(proc.pid)), signal.SIGKILL)  # rank 1, mid-epoch 1
         output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

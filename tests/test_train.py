@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import child_pids
 from pipeline.cli import main as cli
 from train.main import TrainSettings, get_args_parser
 from train.main import main as train_main
@@ -37,19 +38,6 @@ def records(out: Path, kind: str) -> list[dict]:
     path = out / "log.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def children(pid: int) -> list[int]:
-    """The worker processes torchrun started."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 def wait_for(cond, timeout=120):
@@ -159,7 +147,7 @@ def test_sigterm_saves_on_every_rank_and_resume_continues(exact_shards, tmp_path
     out = tmp_path / "run"
     proc = torchrun(exact_shards, out, "--epochs", "100")
     wait_for(lambda: len(records(out, "train")) >= 3)
-    for pid in children(proc.pid):  # as a scheduler does: every rank gets the signal
+    for pid in child_pids(proc.pid):  # as a scheduler does: every rank gets the signal
         os.kill(pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
@@ -180,7 +168,7 @@ def test_sigkill_then_resume_from_the_last_periodic_checkpoint(exact_shards, tmp
     out = tmp_path / "run"
     proc = torchrun(exact_shards, out, "--epochs", "100", "--ckpt-every", "2")
     wait_for(lambda: (out / "last.pt").exists() and torch.load(out / "last.pt")["step"] >= 6)
-    for pid in children(proc.pid) + [proc.pid]:  # torchrun puts its workers in their own groups
+    for pid in child_pids(proc.pid) + [proc.pid]:  # torchrun puts its workers in their own groups
         os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     saved = torch.load(out / "last.pt")
