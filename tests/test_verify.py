@@ -1,7 +1,12 @@
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -113,3 +118,30 @@ def test_not_a_shard_folder(tmp_path):
     assert r.exit_code == 1 and "has no manifest.json" in r.output
     r = CliRunner().invoke(main, ["verify", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+AFTER_DALI = """
+import gc, os, sys
+from pipeline.loaders import build_loader
+from pipeline.verify import verify
+gc.set_threshold(10**9)  # the parent never collects by itself; a forked child at once
+os.register_at_fork(after_in_child=lambda: gc.set_threshold(1))
+loader = build_loader(sys.argv[1], split="train", res=32, batch_size=4, loader="dali", workers=2)
+loader.cycle = loader  # DALI's pipeline left as cyclic garbage, as tests and notebooks leave it
+del loader
+print(verify(sys.argv[1], workers=2)["shards"])
+"""
+
+
+def test_verify_after_dali_in_the_same_process_does_not_hang(small_shards):
+    """A forked verify worker that collected its parent's DALI pipeline waited forever for
+    threads that do not survive a fork; the parent now collects such garbage before forking."""
+    proc = subprocess.Popen([sys.executable, "-c", AFTER_DALI, str(small_shards)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the pool's workers too
+        raise
+    assert proc.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1].isdigit()
