@@ -30,7 +30,10 @@ READER = "Reader"
 # Share of JPEGs the mixed decoder gives the GPU's hardware JPEG engines (A100, H100); the rest
 # are Huffman-decoded on CPU threads. DALI's default is 0.65; scripts/gpu_check.sh sweeps it.
 HW_DECODER_LOAD = 0.9
-SHUFFLE_BUFFER = 1024  # shards are shuffled when packed; this mixes neighbouring shards too
+# Shards are shuffled when packed; this mixes neighbouring shards too. Never more than a rank's
+# part: restoring a checkpoint reserves several MB of (untouched) heap per slot, and a caller
+# whose heap outgrows the RAM can no longer fork.
+SHUFFLE_BUFFER = 1024
 
 
 def _coin(p: float):
@@ -139,7 +142,7 @@ def depthseg_pipeline(plan: Plan, res: int, aug: Augment, gpu: bool, hw_decoder_
     raw = fn.readers.webdataset(
         paths=plan.tars, index_paths=plan.indexes, ext=[f"{r}.jpg;{r}.png" for r in ROLES],
         missing_component_behavior="error", name=READER, shard_id=plan.rank, num_shards=plan.world_size,
-        random_shuffle=plan.train, initial_fill=SHUFFLE_BUFFER, stick_to_shard=not plan.train,
+        random_shuffle=plan.train, initial_fill=min(SHUFFLE_BUFFER, plan.largest_part), stick_to_shard=not plan.train,
         pad_last_batch=not plan.train)
     device = "mixed" if gpu else "cpu"
     hw = {"hw_decoder_load": hw_decoder_load, "preallocate_width_hint": size_hint[0],

@@ -12,15 +12,12 @@ depth there, and is scaled by it (nearer is larger), so size, position and depth
 
 from __future__ import annotations
 
-import gc
 import io
 import os
 import shutil
-import threading
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from pipeline.source import IMAGE_EXTS
+from pipeline.workers import ordered, worker_pool
 
 
 class DatasetError(Exception):
@@ -378,27 +376,13 @@ def make_dataset(s: MakeSettings) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = ZipOutput(out) if out.suffix.lower() == ".zip" else FolderOutput(out)
     total = n_bg * n_fg * 2 * s.placements
-    window = threading.Semaphore(4 * max(1, s.workers))  # bounds the pairs held in memory
-    stop = threading.Event()
-
-    def tasks():  # runs in the pool's task thread: it must give up when the run ends early
-        for b in range(n_bg):
-            for f in range(n_fg):
-                while not window.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-                yield b, f, n_bg, n_fg
-
     labels: dict[int, list[str]] = {}
     nbytes = 0
-    # A forked child that garbage-collects a DALI pipeline of its parent's (the tests, bench) waits
-    # forever for threads that did not fork: collect such garbage here, in the parent, first.
-    gc.collect()
-    with get_context("fork").Pool(max(1, s.workers), _init_worker, (s, bg_files, fg_files)) as pool, \
+    tasks = ((b, f, n_bg, n_fg) for b in range(n_bg) for f in range(n_fg))
+    with worker_pool(s.workers, __name__, _init_worker, (s, bg_files, fg_files)) as pool, \
             tqdm(total=total, unit="sample", desc="make-dataset", smoothing=0.05) as bar:
         try:
-            for b, files, lines in pool.imap(make_pair, tasks()):
-                window.release()
+            for b, files, lines in ordered(pool, make_pair, tasks, window=4 * max(1, s.workers)):
                 for name, data in files:
                     writer.write(name, data)
                     nbytes += len(data)
@@ -409,7 +393,5 @@ def make_dataset(s: MakeSettings) -> dict:
         except BaseException:
             writer.abort()  # nothing half-written is left behind; an old output stays as it was
             raise
-        finally:
-            stop.set()  # before the pool's exit joins the task thread
     writer.commit()
     return {"out": str(out), "samples": total, "backgrounds": n_bg, "foregrounds": n_fg, "bytes": nbytes}

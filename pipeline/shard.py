@@ -10,7 +10,6 @@ options keeps the finished shards and writes the rest; manifest.json is written 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -18,7 +17,6 @@ import shutil
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from tqdm import tqdm
 
 from pipeline.manifest import FORMAT, IDX_VERSION, MANIFEST, SPLITS, index_line, shard_name, write_json_atomic
 from pipeline.source import ROLES, BadSample, Sample, Source, SourceError, load_sample, scan
+from pipeline.workers import as_done, worker_pool
 
 PARTIAL = ".partial"  # progress of an unfinished run: plan.json and one record per finished shard
 
@@ -207,13 +206,10 @@ def shard(s: ShardSettings, log=print) -> dict:
         log(f"continuing an unfinished run: {len(done)} of {len(tasks)} shards already written")
     records = dict(done)
     todo = [t for t in tasks if t.name not in done]
-    # A forked child that garbage-collects a DALI pipeline of its parent's (the tests, bench) waits
-    # forever for threads that did not fork: collect such garbage here, in the parent, first.
-    gc.collect()
-    with get_context("fork").Pool(max(1, min(s.workers, len(todo) or 1)), _init_worker, (s.src,)) as pool, \
+    with worker_pool(min(s.workers, len(todo)), __name__, _init_worker, (s.src,)) as pool, \
             tqdm(total=found.found, initial=len(found.skipped) + sum(len(t.samples) for t in tasks if t.name in done),
                  unit="sample", desc="shard", smoothing=0.05) as bar:
-        for rec in pool.imap_unordered(_write_shard_star, [(t, out, s.strict) for t in todo]):
+        for rec in as_done(pool, _write_shard_star, [(t, out, s.strict) for t in todo]):
             if "strict_stop" in rec:
                 key, reason = rec["strict_stop"]
                 raise ShardError(f"sample {key}: {reason} (stopped by --strict).")

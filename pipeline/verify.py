@@ -11,12 +11,10 @@ shard and names it.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
 import tarfile
-from multiprocessing import get_context
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,6 +22,7 @@ from tqdm import tqdm
 from pipeline import store
 from pipeline.manifest import ROLES, SPLITS, parse_index, read_manifest
 from pipeline.source import BadSample, check_image, image_format
+from pipeline.workers import ordered, worker_pool
 
 
 class VerifyError(Exception):
@@ -139,12 +138,9 @@ def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cp
     if t["packed"] + t["skipped"] != t["found"] or t["skipped"] != len(manifest["skipped"]):
         raise VerifyError("the manifest's totals do not add up (packed + skipped != found).")
     sizes = {e["tar"]: e["bytes"] for e in entries}
-    # A forked child that garbage-collects a DALI pipeline of its parent's (the tests, bench) waits
-    # forever for threads that did not fork: collect such garbage here, in the parent, first.
-    gc.collect()
-    with get_context("fork").Pool(max(1, min(workers, len(entries) or 1))) as pool, \
+    with worker_pool(min(workers, len(entries)), __name__) as pool, \
             tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify") as bar:
-        for name, problem in pool.imap(_verify_star, [(folder, e, decode) for e in entries]):
+        for name, problem in ordered(pool, _verify_star, [(folder, e, decode) for e in entries], window=64):
             if problem:
                 raise VerifyError(f"bad shard {name}: {problem}.")
             bar.update(sizes[name])

@@ -4,6 +4,10 @@ marks exactly where fg_bg differs from bg (lossless PNG), for the synchronizatio
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,6 +17,8 @@ from PIL import Image
 
 from pipeline.make_dataset import MakeSettings, make_dataset
 from pipeline.shard import ShardSettings, shard
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
@@ -101,3 +107,18 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             kids.append(int(stat.parent.name))
     return kids
+
+
+def run_script(script: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run a Python file from the repository root in its own session; on a timeout its worker
+    processes are killed with it. A file, not `-c`: the worker pools import the main script, so a
+    patch at its top level reaches the workers."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

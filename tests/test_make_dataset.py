@@ -1,15 +1,14 @@
 import hashlib
 import io
 import re
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+
+from conftest import run_script
 
 from pipeline.cli import main
 from pipeline.make_dataset import (DatasetError, MakeSettings, make_dataset, paste, procedural_background,
@@ -143,26 +142,33 @@ def test_bad_settings(tmp_path):
 FAILING_WORKER = """
 import sys
 import pipeline.make_dataset as M
+
 real = M.make_pair
-def make_pair(task):
+
+
+def make_pair(task):  # the workers import this script first, so they run this too
     if task[:2] == (1, 0):
         raise M.DatasetError("broken pair")
     return real(task)
+
+
 M.make_pair = make_pair
-try:
-    M.make_dataset(M.MakeSettings(out=sys.argv[1], num_bg=10, num_fg=10, placements=1, size=64, workers=2))
-except M.DatasetError as e:
-    print("raised:", e)
+if __name__ == "__main__":
+    try:
+        M.make_dataset(M.MakeSettings(out=sys.argv[1], num_bg=10, num_fg=10, placements=1, size=64, workers=2))
+    except M.DatasetError as e:
+        print("raised:", e)
 """
 
 
 def test_a_failing_worker_stops_the_run_without_hanging(tmp_path):
     """More pairs than the in-flight window, and the failure well past the first ones."""
-    out = tmp_path / "o.zip"
-    r = subprocess.run([sys.executable, "-c", FAILING_WORKER, str(out)], capture_output=True, text=True, timeout=60,
-                       cwd=Path(__file__).parent.parent)
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_WORKER)
+    out = tmp_path / "out" / "o.zip"
+    r = run_script(script, str(out), timeout=60)
     assert "raised: broken pair" in r.stdout, r.stderr
-    assert not out.exists() and not list(tmp_path.iterdir())  # no half-written zip left
+    assert not out.exists() and not list(out.parent.iterdir())  # no half-written zip left
 
 
 def test_unreadable_user_image_is_one_sentence_before_any_work(tmp_path):

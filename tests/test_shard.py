@@ -2,8 +2,6 @@ import glob
 import json
 import os
 import signal
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
-from conftest import encode, write_layout
+from conftest import encode, run_script, write_layout
 from wds2idx import IndexCreator
 
 from pipeline.cli import main
@@ -225,23 +223,29 @@ def test_existing_output_is_never_overwritten_silently(tmp_path, small_zip):
 KILLER = """
 import os, signal, sys
 import pipeline.shard as S
+
 calls = 0
 real_add = S._TarWriter.add
+
+
 def add(self, name, data):  # SIGKILL the whole run halfway through writing the 4th shard
     global calls
     calls += 1
     if calls == 3 * 5 * 4 + 2:
-        os.kill(os.getppid(), signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(0, signal.SIGKILL)
     return real_add(self, name, data)
-S._TarWriter.add = add
-S.shard(S.ShardSettings(src=(sys.argv[1],), out=sys.argv[2], shard_size=4, workers=1))
+
+
+S._TarWriter.add = add  # the workers import this script first, so they write with it too
+if __name__ == "__main__":
+    S.shard(S.ShardSettings(src=(sys.argv[1],), out=sys.argv[2], shard_size=4, workers=1))
 """
 
 
 def test_killed_run_is_completed_by_a_rerun(tmp_path, small_zip):
     out = tmp_path / "s"
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(small_zip), str(out)], capture_output=True, cwd=Path(__file__).parent.parent)
+    (tmp_path / "killer.py").write_text(KILLER)
+    proc = run_script(tmp_path / "killer.py", str(small_zip), str(out), timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists()
     assert len(list(out.glob("*.tar"))) == 3 and list(out.glob("*.tar.tmp"))

@@ -1,15 +1,12 @@
 import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
+from conftest import run_script
 
 from pipeline.cli import main
 from pipeline.verify import VerifyError, verify
@@ -124,24 +121,21 @@ AFTER_DALI = """
 import gc, os, sys
 from pipeline.loaders import build_loader
 from pipeline.verify import verify
-gc.set_threshold(10**9)  # the parent never collects by itself; a forked child at once
-os.register_at_fork(after_in_child=lambda: gc.set_threshold(1))
-loader = build_loader(sys.argv[1], split="train", res=32, batch_size=4, loader="dali", workers=2)
-loader.cycle = loader  # DALI's pipeline left as cyclic garbage, as tests and notebooks leave it
-del loader
-print(verify(sys.argv[1], workers=2)["shards"])
+
+if __name__ == "__main__":
+    gc.set_threshold(10**9)  # the caller never collects by itself; a forked child would at once
+    os.register_at_fork(after_in_child=lambda: gc.set_threshold(1))
+    loader = build_loader(sys.argv[1], split="train", res=32, batch_size=4, loader="dali", workers=2)
+    loader.cycle = loader  # DALI's pipeline left as cyclic garbage, as tests and notebooks leave it
+    del loader
+    print(verify(sys.argv[1], workers=2)["shards"])
 """
 
 
-def test_verify_after_dali_in_the_same_process_does_not_hang(small_shards):
-    """A forked verify worker that collected its parent's DALI pipeline waited forever for
-    threads that do not survive a fork; the parent now collects such garbage before forking."""
-    proc = subprocess.Popen([sys.executable, "-c", AFTER_DALI, str(small_shards)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the pool's workers too
-        raise
-    assert proc.returncode == 0, err[-2000:]
-    assert out.strip().splitlines()[-1].isdigit()
+def test_verify_after_dali_in_the_same_process_does_not_hang(small_shards, tmp_path):
+    """A verify worker forked from a caller holding a DALI pipeline could collect it and wait
+    forever for threads that do not survive a fork; workers now come from a fork server."""
+    (tmp_path / "after_dali.py").write_text(AFTER_DALI)
+    proc = run_script(tmp_path / "after_dali.py", str(small_shards), timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].isdigit()
