@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/depthcli verify shards --decode
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc_per_node 2 train/main.py --shards shards --res 64 \
-		--batch-size 16 --epochs 4 --model diff --out runs/demo
+		--batch-size 16 --epochs 4 --out runs/demo
 	$(BIN)/depthcli predict --checkpoint runs/demo/best.pt --bg data/demo/bg/bg001.jpg \
 		--fg-bg data/demo/fg_bg/bg001/bg001_fg001_F_000000.jpg --out runs/demo/predict
 	$(BIN)/depthcli export --checkpoint runs/demo/best.pt --out runs/demo/model.onnx

@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {
     "reference": "--recipe reference",
     "fast": "",
-    "fast-diff": "--model diff",
+    "fast-diff": "--model diff",  # the same as fast since diff became the default model
+    "fast-reference-model": "--model reference",
     # one factor of the reference changed at a time
     "ref+cosine": "--recipe reference --schedule cosine --warmup 0.05",
     "ref+adamw": "--recipe reference --optimizer adamw",

@@ -64,7 +64,7 @@ def test_torchrun_end_to_end(trained):
         assert row in output
     ckpt = torch.load(out / "last.pt")  # plain torch.load: weights only, no code
     assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"], ckpt["res"]) == (8, 2, 0, 32)
-    assert ckpt["settings"]["batch_size"] == 4 and ckpt["model"] == "reference" and ckpt["world_size"] == 2
+    assert ckpt["settings"]["batch_size"] == 4 and ckpt["model"] == "diff" and ckpt["world_size"] == 2
     assert set(ckpt["metrics"]) >= {"loss", "mask/iou", "depth/rms", "avg/t1"} and ckpt["metrics"]["samples"] == 25
     assert len(ckpt["rng"]) == 2 and set(ckpt["rng"][1]) == {"cpu", "cuda"}
     assert "train/main.py" in ckpt["command"] and "--res 32" in ckpt["command"]
@@ -121,7 +121,7 @@ def test_predict_any_size_files_and_folders(trained, tmp_path):
     ("missing", "does not exist"),
     ("not_image", "is not a readable image"),
     ("mismatched", "bg is 50x37 but fg_bg is 20x20; a pair must match"),
-    ("bad_ckpt", "is not a readable checkpoint"),
+    ("bad_ckpt", "is not a readable checkpoint: the file is damaged, cut short, or not written by torch.save."),
 ])
 def test_predict_bad_input_is_one_sentence(trained, tmp_path, case, says):
     out, _ = trained

@@ -47,8 +47,10 @@ def load(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} does not exist.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors alike
-        raise CheckpointError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]}).") from None
+    except Exception as e:  # pickle, zip and torch errors alike; torch's own words run to a page
+        why = ("it holds objects other than tensors and plain data" if "Unsupported global" in str(e)
+               else "the file is damaged, cut short, or not written by torch.save")
+        raise CheckpointError(f"{path} is not a readable checkpoint: {why}.") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint.")
     return ckpt

@@ -78,7 +78,8 @@ class TrainSettings:
     weight_decay: float = field(default=1e-4, metadata={"help": "weight decay"})
     lr_step: int = field(default=2, metadata={"help": "StepLR: epochs between learning-rate drops"})
     lr_gamma: float = field(default=0.5, metadata={"help": "StepLR: factor of each drop"})
-    model: str = field(default="reference", metadata={"help": f"model: {', '.join(MODELS)}"})
+    model: str = field(default="diff", metadata={"help": "diff: the reference network whose fg_bg stream also sees |fg_bg - bg|; "
+                                                           "reference: the seed's network"})
     dropout: float = field(default=0.0, metadata={"help": "dropout in the encoder's blocks"})
     mask_prior: float = field(default=0.1, metadata={"help": "initial mask output (the foreground fraction); 0 = PyTorch's default init"})
     depth_prior: float = field(default=0.5, metadata={"help": "initial depth output; 0 = PyTorch's default init"})
@@ -105,7 +106,8 @@ class TrainSettings:
     seed: int = field(default=0, metadata={"help": "seed of weights, data order and augmentation"})
     log_every: int = field(default=10, metadata={"help": "steps between logged figures (and the ranks' agreement on stopping)"})
     ckpt_every: int = field(default=500, metadata={"help": "steps between checkpoints, besides each epoch's end"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps in all; 0 = no limit"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many steps in all, as a SIGTERM would (the schedule "
+                                                        "still spans --epochs, so --resume goes on exactly); 0 = no limit"})
     vis_samples: int = field(default=4, metadata={"help": "validation samples in each epoch's picture"})
 
     def batch(self) -> int:
@@ -119,11 +121,12 @@ class TrainSettings:
 # What --recipe sets, unless given on the command line. "fast" is the dataclass defaults above.
 RECIPES = {
     "fast": {},
-    "reference": {"optimizer": "adam", "lr": 1e-3, "lr_scaling": "none", "schedule": "step", "warmup": 0.0,
+    "reference": {"model": "reference", "optimizer": "adam", "lr": 1e-3, "lr_scaling": "none", "schedule": "step", "warmup": 0.0,
                   "dropout": 0.2, "mask_prior": 0.0, "depth_prior": 0.0, "w_dice": 0.0, "mask_image_terms": True,
                   "sync_bn": False, "aug_shared": False},
 }
-CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adamw", "adam"), "lr_scaling": ("sqrt", "linear", "none"),
+CHOICES = {"recipe": tuple(RECIPES), "model": tuple(MODELS), "optimizer": ("adamw", "adam"),
+           "lr_scaling": ("sqrt", "linear", "none"),
            "schedule": ("cosine", "step")}
 
 
