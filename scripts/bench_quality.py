@@ -5,7 +5,7 @@
 
 A seeded procedural dataset (make-dataset → shard, made once in --work) is trained on at 64 px
 by train/main.py (torchrun when --ranks > 1) for each variant and each budget of samples seen
-(a whole number of epochs: an epoch is ~4.3k samples at 2 ranks × 16), each budget a run of its
+(whole epochs, at least the budget: an epoch is ~4.3k samples at 2 ranks × 16), each budget a run of its
 own so its schedule spans it. Every run is scored on the val split, and so are the baselines:
 mask = max_c |fg_bg − bg| > t with t chosen on the train split, depth = the train split's mean
 depth map. Prints one table (markdown), writes results.json and curves.png (validation metric
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -98,7 +99,7 @@ def run_one(name: str, flags: str, budget: int, a, shards: Path) -> dict:
     from pipeline.epoch import plan
 
     per_epoch = plan(shards, "train", a.batch_size, 0, a.ranks, True).batches * a.batch_size * a.ranks
-    epochs = max(1, round(budget / per_epoch))
+    epochs = max(1, math.ceil(budget / per_epoch))  # at least the budget
     out = Path(a.work) / "runs" / f"{name}-{a.res}px-{budget}"
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks)] if a.ranks > 1
                 else [sys.executable])
@@ -195,12 +196,16 @@ def main():
     with ThreadPoolExecutor(a.jobs) as pool:
         results = list(pool.map(lambda j: run_one(*j, a, shards), jobs))
     (work / "results.json").write_text(json.dumps({"baselines": base, "runs": results, "args": vars(a)}, indent=1))
-    plot(results, base, work / "curves.png")
     print(f"\n{a.ranks} rank(s) x batch {a.batch_size} on {a.device}, {a.res} px, dataset {DATASET}\n")
     print(table(results, base))
     best = max(results, key=lambda r: r["final"]["mask_iou"])
     print(f"\n{len(results)} runs; best mask IoU {best['final']['mask_iou']:.4f} ({best['variant']}, "
-          f"{best['final']['seen']:,} samples) vs threshold baseline {base['mask/iou']:.4f}; curves in {work / 'curves.png'}")
+          f"{best['final']['seen']:,} samples) vs threshold baseline {base['mask/iou']:.4f}")
+    try:
+        plot(results, base, work / "curves.png")
+        print(f"curves in {work / 'curves.png'}")
+    except ImportError:
+        print("no curves.png: the picture needs matplotlib (pip install -e '.[bench]')")
 
 
 if __name__ == "__main__":
