@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 
@@ -139,3 +140,12 @@ def test_verify_after_dali_in_the_same_process_does_not_hang(small_shards, tmp_p
     proc = run_script(tmp_path / "after_dali.py", str(small_shards), timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1].isdigit()
+
+
+def test_workers_never_fork_the_caller(small_shards):
+    """A fork copies the caller, whose heap a test run or notebook can grow past the RAM (fork then
+    fails with ENOMEM): the workers come from a fork server."""
+    forks = []
+    os.register_at_fork(before=lambda: forks.append(1))  # stays registered: only counts
+    assert verify(small_shards, workers=2)["shards"] > 0
+    assert forks == []
