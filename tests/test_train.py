@@ -260,3 +260,17 @@ def test_gpu_run_bf16_channels_last(exact_shards, tmp_path):
     ckpt = torch.load(out / "last.pt")
     assert ckpt["step"] == 9 and ckpt["rng"][0]["cuda"] is not None
     assert all(r["gpu_peak_gb"] > 0 for r in records(out, "train"))
+
+
+class _NotPlainData:
+    pass
+
+
+def test_a_checkpoint_that_holds_code_is_refused_in_one_sentence(tmp_path):
+    """weights_only loading refuses pickled objects; the user gets why, not torch's page."""
+    from train.checkpoint import CheckpointError, load
+
+    torch.save({"format": "x", "thing": _NotPlainData()}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"c\.pt is not a readable checkpoint: it holds objects other "
+                                              r"than tensors and plain data\.$"):
+        load(tmp_path / "c.pt")
