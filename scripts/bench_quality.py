@@ -83,11 +83,12 @@ def dataset(work: Path) -> Path:
     return shards
 
 
-def baselines(shards: Path, device: str, res: int) -> dict:
+def baselines(shards: Path, device: str, res: int, loader: str) -> dict:
+    """Scored through the runs' own loader: the two decode and resize a little differently."""
     from pipeline.loaders import build_loader
     from train import baselines as bl
 
-    common = {"res": res, "batch_size": 64, "loader": "torch", "device": device, "train": False, "workers": 1}
+    common = {"res": res, "batch_size": 64, "loader": loader, "device": device, "train": False, "workers": 1}
     t0 = time.time()
     b = bl.fit(build_loader(shards, split="train", **common))
     m = bl.score(b, build_loader(shards, split="val", **common))
@@ -186,9 +187,9 @@ def main():
                 for v in (a.variant or ["reference", "fast"])]
     budgets = [parse_budget(b) for b in a.budgets.split(",")]
     shards = dataset(work)
-    cached = work / f"baselines-{a.res}px.json"  # the same shards, the same figures: fitted once
+    cached = work / f"baselines-{a.res}px-{a.loader}.json"  # the same shards, the same figures: fitted once
     if not cached.is_file():
-        cached.write_text(json.dumps(baselines(shards, "cpu", a.res)))
+        cached.write_text(json.dumps(baselines(shards, "cpu", a.res, a.loader)))
     base = json.loads(cached.read_text())
     print(f"baselines: threshold {base['threshold']:.2f} (train IoU {base['train_iou']:.4f}): val mask IoU "
           f"{base['mask/iou']:.4f}; mean depth map: val depth rms {base['depth/rms']:.4f}", flush=True)

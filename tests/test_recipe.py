@@ -53,7 +53,11 @@ def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():
     ref = settings_from(["--recipe", "reference"])
     for key, value in RECIPES["reference"].items():
         assert getattr(ref, key) == value
-    assert (ref.optimizer, ref.schedule, ref.dropout, ref.aug_shared) == ("adam", "step", 0.2, False)
+    # The seed's recipe, spelled out (not read back from the table it is checked against).
+    assert (ref.model, ref.optimizer, ref.lr, ref.lr_scaling, ref.schedule, ref.lr_step, ref.lr_gamma, ref.warmup) == \
+        ("reference", "adam", 1e-3, "none", "step", 2, 0.5, 0.0)
+    assert (ref.dropout, ref.mask_prior, ref.depth_prior, ref.w_dice, ref.mask_image_terms, ref.aug_shared) == \
+        (0.2, 0.0, 0.0, 0.0, True, False)
     fast = settings_from([])
     assert fast == TrainSettings() and fast.recipe == "fast"
     assert any(getattr(fast, k) != v for k, v in RECIPES["reference"].items())
@@ -63,6 +67,8 @@ def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():
 
 def test_run_builds_what_the_settings_say():
     ref = Run(settings_from(["--recipe", "reference", "--res", "32", "--batch-size", "8"]), CPU)
+    assert sum(p.numel() for p in ref.raw.parameters()) == 3_165_170  # the seed's network
+    assert ref.scheduler.base_lrs == [1e-3]  # Adam at 1e-3 whatever the batch, as the seed
     fast = Run(settings_from(["--res", "32", "--batch-size", "8", "--lr", "2e-3", "--lr-batch", "32"]), CPU)
     assert type(ref.optimizer) is torch.optim.Adam and type(fast.optimizer) is torch.optim.AdamW
     assert fast.scheduler.base_lrs[0] == pytest.approx(1e-3)  # 2e-3 at 32, sqrt-scaled to a global batch of 8
@@ -72,6 +78,13 @@ def test_run_builds_what_the_settings_say():
     assert dropouts == {0.2} and {m.p for m in fast.raw.modules() if isinstance(m, torch.nn.Dropout2d)} == {0.0}
     assert not ref.weights.w_dice and ref.weights.mask_image_terms
     assert fast.weights.w_dice == 1.0 and not fast.weights.mask_image_terms
+
+
+def test_sync_bn_on_the_cpu_is_one_sentence(tmp_path, capsys):
+    """PyTorch's SyncBatchNorm takes CUDA tensors only: on the CPU the flag is refused up front."""
+    assert train_main(["--sync-bn", "--device", "cpu", "--out", str(tmp_path / "r"), "--shards", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA tensors only; drop it on the CPU."
 
 
 def test_head_priors_set_the_first_predictions():
@@ -198,7 +211,8 @@ def test_a_short_run_learns_beyond_the_threshold_baseline(checker_shards, tmp_pa
     assert 0.3 < base["mask/iou"] < 0.6  # half the checkerboard at best
     out = tmp_path / "run"
     assert train_main(["--shards", str(checker_shards), "--out", str(out), "--res", "32", "--batch-size", "16",
-                       "--epochs", "12", "--no-augment", "--log-every", "3", "--workers", "1", "--loader", "torch"]) == 0
+                       "--epochs", "12", "--no-augment", "--log-every", "3", "--workers", "1", "--loader", "torch",
+                       "--device", "cpu"]) == 0
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     val = [r for r in records if r["kind"] == "val"]
     assert val[-1]["mask_iou"] > base["mask/iou"] + 0.25, (val[-1]["mask_iou"], base["mask/iou"])
@@ -216,3 +230,23 @@ def test_bce_gradient_is_finite_where_the_sigmoid_saturates():
     loss = kl_bce(torch.sigmoid(logits), target)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_quality_table_puts_the_baselines_beside_each_run():
+    """scripts/bench_quality.py's table: a baselines row first (0 samples seen), then each run's
+    final validation, every metric column in the same order."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    bq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bq)
+    keys = [k for k, _ in bq.COLUMNS]
+    base = {"threshold": 0.12, "wall_s": 3.0, **{k.replace("_", "/", 1): 0.1 * (i + 1) for i, k in enumerate(keys)}}
+    run = {"variant": "fast", "wall_s": 99.4, "final": {"seen": 34816, **{k: 0.01 * (i + 1) for i, k in enumerate(keys)}}}
+    lines = bq.table([run], base).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == len(keys) + 4
+    assert lines[2] == "| baselines (threshold 0.12, mean depth) | 0 | 0.1000 | 0.2000 | 0.3000 | 0.4000 | 0.5000 | 0.6000 | 3 |"
+    assert lines[3] == "| fast | 34,816 | 0.0100 | 0.0200 | 0.0300 | 0.0400 | 0.0500 | 0.0600 | 99 |"
+    assert bq.parse_budget("4k") == 4000 and bq.parse_budget("32k") == 32000 and bq.parse_budget("500") == 500

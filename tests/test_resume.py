@@ -102,7 +102,7 @@ def test_trainer_resumed_mid_epoch_sees_the_same_batches(exact_shards, tmp_path)
     steps 4-6 have exactly the losses of the uninterrupted run: the same batches in the same
     order reached the same model (the checkpoint's RNG covers dropout)."""
     args = ["--shards", str(exact_shards), "--res", "32", "--batch-size", "8", "--workers", "1", "--log-every", "1",
-            "--no-augment", "--epochs", "3", "--vis-samples", "0"]
+            "--no-augment", "--epochs", "3", "--vis-samples", "0", "--device", "cpu"]  # exact losses: CPU kernels
     assert train_main(args + ["--out", str(tmp_path / "whole"), "--max-steps", "6"]) == 0
     assert train_main(args + ["--out", str(tmp_path / "cut"), "--max-steps", "3"]) == 0
     assert train_main(args + ["--out", str(tmp_path / "cut"), "--max-steps", "6", "--resume"]) == 0

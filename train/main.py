@@ -43,6 +43,7 @@ from pipeline.augment import Augment
 from pipeline.bench import gpu_memory
 from pipeline.loaders import build_loader
 from pipeline.manifest import LoaderError, ManifestError
+from pipeline.store import StoreError
 from train import checkpoint
 from train.dist import DistContext, all_reduce_sum, cleanup, print0, setup
 from train.evaluate import evaluate, model_input
@@ -100,6 +101,8 @@ class TrainSettings:
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast on GPU"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format on GPU"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile_mode: str = field(default="default", metadata={"help": "torch.compile's mode: default, reduce-overhead "
+                                                                   "(CUDA graphs: for launch-bound small batches) or max-autotune"})
     init: str = field(default="", metadata={"help": "start from this checkpoint's weights (e.g. a lower resolution's best.pt)"})
     resume: str = field(default="", metadata={"help": "continue the run in --out from its last.pt: --resume (or must) "
                                                      "requires one, --resume auto starts a new run when there is none"})
@@ -127,7 +130,7 @@ RECIPES = {
 }
 CHOICES = {"recipe": tuple(RECIPES), "model": tuple(MODELS), "optimizer": ("adamw", "adam"),
            "lr_scaling": ("sqrt", "linear", "none"),
-           "schedule": ("cosine", "step")}
+           "schedule": ("cosine", "step"), "compile_mode": ("default", "reduce-overhead", "max-autotune")}
 
 
 def lr_factor(step: int, total: int, steps_per_epoch: int, s: "TrainSettings") -> float:
@@ -160,7 +163,7 @@ class TrainingError(Exception):
 
 # What a resumed run may change; everything else must be as the run was started.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "ckpt_every", "log_every", "workers", "device", "vis_samples",
-                     "compile", "shards", "loader", "resume", "out", "hw_decoder_load"}
+                     "compile", "compile_mode", "shards", "loader", "resume", "out", "hw_decoder_load"}
 
 
 def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
@@ -211,6 +214,8 @@ class Run:
         self.weights = LossWeights(s.w_ssim, s.w_l1, s.w_edge, s.w_bce, s.w_dice, s.mask_image_terms)
         self.raw = build_model(s.model, dropout=s.dropout)
         init_output_bias(self.raw, s.mask_prior, s.depth_prior)
+        if s.sync_bn and not self.gpu:
+            raise TrainingError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA tensors only; drop it on the CPU.")
         if s.sync_bn and ctx.world_size > 1:
             self.raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.raw)
         self.raw = self.raw.to(ctx.device)
@@ -239,7 +244,7 @@ class Run:
 
     def wrap(self) -> torch.nn.Module:
         """Compile before the DDP wrap; the unwrapped model (self.raw) is what gets saved."""
-        model = torch.compile(self.raw) if self.s.compile else self.raw
+        model = torch.compile(self.raw, mode=self.s.compile_mode) if self.s.compile else self.raw
         if self.ctx.world_size > 1:
             # No buffer broadcast each step (a collective per forward): validate() broadcasts
             # rank 0's BatchNorm statistics before they are used or saved.
@@ -409,6 +414,18 @@ def prepare(run: Run) -> None:
         print0(run.ctx, f"initialised from {s.init} (res {ckpt['res']}, step {ckpt['step']})")
 
 
+def same_start(run: Run) -> None:
+    """Every rank must continue from the same step: a rank whose --out holds no last.pt (a node
+    without the shared file system) would start at 0 and fall out of step with the others."""
+    if run.ctx.world_size == 1:
+        return
+    step = torch.tensor([run.step, -run.step], dtype=torch.float64, device=run.ctx.device)
+    dist.all_reduce(step, op=dist.ReduceOp.MAX)
+    if step[0] != -step[1]:  # max(step) != min(step)
+        raise TrainingError(f"the ranks would resume from different steps ({int(-step[1])} to {int(step[0])}): "
+                            f"--out {run.out} must be one folder that every node sees (a shared file system).")
+
+
 def loaders(run: Run):
     s, ctx = run.s, run.ctx
     workers = s.workers or max(1, (os.cpu_count() or 1) // ctx.world_size)
@@ -436,6 +453,7 @@ def train(s: TrainSettings, ctx: DistContext) -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run = Run(s, ctx)
     prepare(run)
+    same_start(run)
     if ctx.main:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "settings.json").write_text(json.dumps(asdict(s), indent=1) + "\n")
@@ -499,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     try:
         return train(s, ctx)
-    except (TrainingError, ManifestError, checkpoint.CheckpointError, ValueError, LoaderError) as e:
+    except (TrainingError, ManifestError, checkpoint.CheckpointError, ValueError, LoaderError, StoreError) as e:
         return fail(e, ctx.rank, ctx.world_size)
     finally:
         cleanup()
