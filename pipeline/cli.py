@@ -163,6 +163,15 @@ def _device(name: str) -> str:
     return name
 
 
+def _onnx_device(name: str) -> str:
+    """--device for onnxruntime: auto takes the GPU only if this onnxruntime has the CUDA provider
+    (the one pyproject installs has not), so auto never fails where the CPU would do; a cuda the
+    user named still needs it (OnnxRunner says so)."""
+    from train.export import cuda_provider
+
+    return "cpu" if name == "auto" and not cuda_provider() else _device(name)
+
+
 @main.command("bench")
 @click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder or s3://bucket/prefix.")
 @click.option("--loader", type=click.Choice(["dali", "torch", "all"]), default="all", show_default=True,
@@ -263,7 +272,8 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
 @click.option("--workers", default=min(4, CPUS), show_default=True, help="Threads that read, resize and write images.")
 @click.option("--threads", default=0, help="CPU threads of the model (torch or onnxruntime). (default: the library's, all cores)")
 @click.option("--side/--no-side", default=True, show_default=True, help="Also write <name>_side.png (most of the writing time).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu or cuda. With --onnx, auto takes the GPU only through onnxruntime-gpu.")
 @user_errors
 def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, threads, side, device):
     """Predict mask and depth for images of any size: writes <name>_mask.png and <name>_depth.png
@@ -271,7 +281,8 @@ def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, 
     in PyTorch (--checkpoint) or onnxruntime (--onnx), while threads read and write images."""
     from train.predict import predict
 
-    r = predict(ckpt_path, bg, fg_bg, out, device=_device(device), res=res, batch_size=batch_size,
+    device = _onnx_device(device) if onnx_path else _device(device)
+    r = predict(ckpt_path, bg, fg_bg, out, device=device, res=res, batch_size=batch_size,
                 workers=workers, onnx_path=onnx_path, threads=threads, side=side)
     click.echo(f"predicted {r['pairs']} pair(s) into {out} in {r['seconds']:.1f} s ({r['pairs'] / r['seconds']:,.1f} pairs/s; "
                f"{r['runner']}, {r['res']}px, batch {r['batch_size']}), e.g. {r['written'][0]}")

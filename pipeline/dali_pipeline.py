@@ -10,6 +10,7 @@ on the samples that drew it. Costs per op on the CPU are in BENCHMARKS.md.
 
 from __future__ import annotations
 
+import os
 import tarfile
 from contextlib import contextmanager
 from functools import lru_cache
@@ -22,6 +23,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
+from pipeline import store
 from pipeline.augment import Augment
 from pipeline.epoch import Plan, to_contract
 from pipeline.manifest import ROLES, LoaderError
@@ -175,15 +177,33 @@ def stored_size(plan: Plan) -> tuple[int, int]:
         return (0, 0)
 
 
+def gone(plan: Plan) -> list[str]:
+    """The plan's tars and indexes that no longer exist. DALI's reader does not name the file it
+    failed on: from S3 a deleted tar is "Failed to flush response stream" midway."""
+    files = plan.tars + plan.indexes
+    if not store.is_remote(files[0]):
+        return [f for f in files if not os.path.exists(f)]
+    try:
+        there = store.sizes(files[0].rsplit("/", 1)[0])
+    except store.StoreError:  # the store itself fails now: the reader's own cause must do
+        return []
+    return [f for f in files if f.rsplit("/", 1)[1] not in there]
+
+
 @contextmanager
 def dali_errors(plan: Plan):
-    """DALI reports a bad image as a long RuntimeError; give the user one sentence."""
+    """DALI reports a bad image or an unreadable file as a long RuntimeError; give the user one
+    sentence."""
     try:
         yield
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0] if lines else "?"
+        cause = cause.lstrip(": ")
         shards = plan.tars[0].rsplit("/", 1)[0]  # a folder or an s3:// prefix
+        if "readers.webdataset" in str(e) and (missing := gone(plan)):
+            raise LoaderError(f"DALI could not read {missing[0]}, which no longer exists; "
+                              f"run `depthcli verify {shards}`.") from None
         if any(op in str(e) for op in ("decoders.image", "readers.webdataset")):
             raise LoaderError(f"DALI could not read or decode a sample of {shards} ({cause[:200]}); "
                               f"run `depthcli verify --decode {shards}` to find it.") from None

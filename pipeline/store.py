@@ -101,7 +101,22 @@ def open_stream(url: str, *_, **__):
     """A file-like object that streams the object (read() only), for tarfile's stream mode."""
     bucket, key = split(url)
     with errors(url):
-        return client().get_object(Bucket=bucket, Key=key)["Body"]
+        return _Stream(client().get_object(Bucket=bucket, Key=key)["Body"], url)
+
+
+class _Stream:
+    """An object's body whose read() fails as opening it does: one StoreError naming the object
+    (a connection reset or a read timeout midway is a BotoCoreError, or worse, urllib3's)."""
+
+    def __init__(self, body, url: str):
+        self.body, self.url = body, url
+
+    def read(self, n: int = -1) -> bytes:
+        with errors(self.url):
+            return self.body.read(None if n is None or n < 0 else n)
+
+    def close(self) -> None:
+        self.body.close()
 
 
 def sizes(prefix: str) -> dict[str, int]:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, default_collate, get_worker_info
 from pipeline.augment import Augment
 from pipeline.epoch import Plan, to_contract
 from pipeline.manifest import ROLES, LoaderError
+from pipeline.store import StoreError
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's
 
@@ -261,6 +262,27 @@ def _in_part(plan: Plan):
     return select
 
 
+class _ShardErrors:
+    """webdataset's error handler, in the workers: a shard that cannot be opened or read raises one
+    sentence naming it. webdataset appends its stream and url to the args of an error that passes
+    its tar reading (and " @ stream" to the message); the main process gets the worker's
+    traceback as text and keeps its last line (TorchLoader.__iter__)."""
+
+    def __init__(self, tars: list[str]):
+        self.tars = tars
+
+    def __call__(self, exn: Exception) -> bool:
+        text = str(exn.args[0]).split(" @ ", 1)[0] if exn.args else ""
+        if isinstance(exn, (LoaderError, StoreError)):  # ours, a sentence naming the shard already
+            raise type(exn)(text) from None
+        url = next((u for u in (exn.args[-1:] + (getattr(exn, "filename", None),)) if u in self.tars), None)
+        if url is None:  # raised inside webdataset's tar reading: its next level knows the shard
+            raise exn
+        why = exn.strerror if isinstance(exn, OSError) and exn.strerror else text or type(exn).__name__
+        shards = url.rsplit("/", 1)[0]
+        raise LoaderError(f"could not read {url} ({why}); run `depthcli verify {shards}`.") from None
+
+
 class TorchLoader:
     """The batch contract over webdataset + DataLoader. Shard paths go to webdataset as they are
     (local paths or URLs it can open)."""
@@ -291,14 +313,15 @@ class TorchLoader:
         rank_seed = (self.seed * 1000 + self.plan.rank) * 1000 + self.epoch
         tars = self._part_tars()
         stage = SampleStage(None if self.on_device else self.aug, self.res, rank_seed, floats=not self.on_device)
-        ds = (wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=None, seed=rank_seed, empty_check=False)
+        ds = (wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=None, seed=rank_seed, empty_check=False,
+                             handler=_ShardErrors(tars))
               .compose(_in_part(self.plan)).shuffle(SHUFFLE_BUFFER, seed=rank_seed).map(stage)
               .batched(self.plan.batch_size, collation_fn=default_collate, partial=False).repeat())  # stacks into shared memory
         return self._loader(ds, tars)
 
     def _val_loader(self):
         tars = self._part_tars()
-        ds = (wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, empty_check=False)
+        ds = (wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, empty_check=False, handler=_ShardErrors(tars))
               .compose(_in_part(self.plan)).map(SampleStage(None, self.res, 0, floats=not self.on_device)))
         return self._loader(ds, tars)
 
@@ -306,8 +329,8 @@ class TorchLoader:
         self.epoch += 1
         try:
             yield from self._train_batches() if self.plan.train else self._val_batches()
-        except LoaderError as e:  # from a worker, the message carries the worker's traceback
-            raise LoaderError(str(e).strip().splitlines()[-1].split("LoaderError: ", 1)[-1]) from None
+        except (LoaderError, StoreError) as e:  # from a worker, the message carries the worker's traceback
+            raise type(e)(str(e).strip().splitlines()[-1].split(f"{type(e).__name__}: ", 1)[-1]) from None
 
     def _floats(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)

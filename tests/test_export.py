@@ -1,9 +1,12 @@
 """ONNX export and batch prediction: the exported file agrees with PyTorch on validation samples,
 its batch (and with --dynamic its size) really is dynamic, predict writes the same files from
 either runtime and any batch size, the README's snippet runs as printed, bad input is one
-sentence. One checkpoint of random weights at 32 px (nothing trained) and one export serve all."""
+sentence; --fp16 and --opset, a NaN that must not pass the check, --device auto with the CPU-only
+onnxruntime. One checkpoint of random weights at 32 px (nothing trained) and one export serve
+most tests; those of an option make their own small export."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline import cli as cli_module
 from pipeline.cli import main as cli
 from pipeline.loaders import build_loader
 from train import checkpoint, export
@@ -136,6 +140,61 @@ def test_static_export_and_a_failed_check_keeps_nothing_under_the_name(ckpt, tmp
     assert isinstance(shape[0], str) and shape[1:] == [3, RES, RES]
 
 
+def test_fp16_export_agrees_within_its_tolerance_in_half_the_bytes(exported, ckpt, small_shards, tmp_path):
+    out = tmp_path / "half.onnx"
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(ckpt), "--out", str(out), "--fp16",
+                                 "--shards", str(small_shards), "--check-samples", "8"])
+    assert r.exit_code == 0, r.output
+    m = re.search(r"batch dynamic, fp16\); .*: max abs diff (\S+), metric diff (\S+) \(tolerance 2e-02\)", r.stdout)
+    assert m and float(m[1]) <= 2e-2 and float(m[2]) <= 2e-2, r.stdout
+    assert out.stat().st_size < 0.6 * exported[0].stat().st_size  # float16 weights: half of float32's
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.type for i in session.get_inputs()] == ["tensor(float)"] * 2  # float32 outside, float16 inside
+    assert json.loads(session.get_modelmeta().custom_metadata_map["fp16"]) is True
+    batch = next(iter(build_loader(small_shards, split="val", res=RES, batch_size=12, loader="torch", train=False, workers=1)))
+    got, ref = run_both(out, checkpoint.load_model(checkpoint.load(ckpt)), batch["bg"], batch["fg_bg"])
+    assert max(np.abs(g - r).max() for g, r in zip(got, ref)) <= 2e-2
+
+
+def test_fp16_overflow_is_a_disagreement(ckpt, tmp_path):
+    """Weights that take float16 past its range make onnxruntime's outputs NaN; NaN compares
+    False both ways, so only a check written as `<= tolerance` rejects it."""
+    big = checkpoint.load(ckpt)
+    big["state_dict"]["bg_stem.0.weight"] *= 1e5  # float32 copes; float16 ends at 65504
+    checkpoint.save(tmp_path / "big.pt", big)
+    out = tmp_path / "model.onnx"
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(tmp_path / "big.pt"), "--out", str(out), "--fp16",
+                                 "--check-samples", "2"])
+    assert "max abs diff nan (not finite: the model overflows float16" in one_line_error(r)
+    assert not out.exists()
+
+
+def test_a_nan_anywhere_is_the_worst_difference():
+    assert math.isnan(export.worst([0.1, math.nan])) and math.isnan(export.worst([math.nan, 0.1]))
+    ok = {"max_abs_diff": 1e-5, "metric_diff": math.nan}
+    assert export.agrees(ok, 1e-4, 1e-3, has_targets=False)  # random inputs: no metric to compare
+    assert not export.agrees(ok, 1e-4, 1e-3, has_targets=True)
+    assert not export.agrees({**ok, "max_abs_diff": math.inf}, 1e-4, 1e-3, has_targets=False)
+
+
+@pytest.mark.parametrize("opset", [17, 7])
+def test_opset_is_the_one_asked_for_or_refused(opset, ckpt, tmp_path):
+    """The exporter writes its own opset and converts down to --opset; where it cannot, it falls
+    back to its own with a warning, which the export turns into a refusal: the user asked for a
+    file their runtime can load."""
+    out = tmp_path / "model.onnx"
+    r = CliRunner().invoke(cli, ["export", "--checkpoint", str(ckpt), "--out", str(out), "--opset", str(opset),
+                                 "--check-samples", "2"])
+    if opset == 17:
+        assert r.exit_code == 0 and f"opset {opset}, " in r.stdout, r.output
+        model = onnx.load(out)
+        assert {o.domain: o.version for o in model.opset_import}[""] == opset
+        assert {p.key: p.value for p in model.metadata_props}["opset"] == str(opset)
+    else:
+        assert f"cannot convert this model to opset {opset} (it fell back to" in one_line_error(r)
+        assert not out.exists() and not list(tmp_path.glob("model.onnx*"))
+
+
 def predict(args: list[str], out: Path) -> str:
     r = CliRunner().invoke(cli, ["predict", *args, "--out", str(out), "--threads", "1"])
     assert r.exit_code == 0, r.output
@@ -163,6 +222,20 @@ def test_predict_onnx_and_any_batch_size_write_the_same_files(exported, ckpt, im
         assert got.keys() == ref.keys()
         # 8-bit outputs: float differences of 1e-7 may round one grey level the other way.
         assert max(np.abs(got[k] - ref[k]).max() for k in ref) <= 1, other
+
+
+def test_predict_onnx_on_auto_uses_the_cpu_where_onnxruntime_has_no_cuda(exported, images, tmp_path, monkeypatch):
+    """On a GPU machine --device auto means cuda, but pyproject's onnxruntime has no CUDA
+    provider: auto falls back to the CPU; only a --device cuda the user named gets the sentence."""
+    onnx_path, _ = exported
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not export.cuda_provider()
+    pair = ["--onnx", str(onnx_path), "--bg", str(images / "bgs"), "--fg-bg", str(images / "scenes")]
+    assert "onnxruntime CPUExecutionProvider" in predict(pair, tmp_path / "auto")
+    r = CliRunner().invoke(cli, ["predict", *pair, "--out", str(tmp_path / "cuda"), "--device", "cuda"])
+    assert "--device cuda needs onnxruntime with the CUDA provider" in one_line_error(r)
+    monkeypatch.setattr(export, "cuda_provider", lambda: True)  # onnxruntime-gpu: auto takes the GPU
+    assert cli_module._onnx_device("auto") == "cuda"
 
 
 def test_readme_example_runs_as_printed(exported, images, tmp_path):

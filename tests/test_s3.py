@@ -5,9 +5,13 @@ torchrun training run from s3://, and the bad-input cases."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import itertools
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +23,11 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import store
+from pipeline.augment import Augment
 from pipeline.cli import main as cli
+from pipeline.loaders import build_loader
+from pipeline.manifest import LoaderError
+from pipeline.store import StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "depthseg"
@@ -189,3 +197,96 @@ def test_two_ranks_train_from_the_store(trained_from_s3):
     records = [json.loads(line) for line in (trained_from_s3 / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4]
     assert [r["samples"] for r in records if r["kind"] == "val"] == [25]
+
+
+def fingerprint(batch: dict) -> str:
+    return hashlib.sha1(b"".join(batch[k].cpu().numpy().tobytes() for k in ("bg", "fg_bg", "mask", "depth"))).hexdigest()
+
+
+def test_dali_trains_from_the_store_as_from_disk_and_resumes_exactly(s3_env, s3_shards, exact_shards):
+    """DALI's own S3 reader in training (shuffled, checkpointing on): the batches of the folder,
+    and a loader restored from a state taken mid-epoch goes on with exactly the rest."""
+    kw = {"split": "train", "res": 32, "batch_size": 8, "loader": "dali", "augment": Augment.off(), "seed": 5,
+          "workers": 1, "rank": 1, "world_size": 2}
+    local = build_loader(exact_shards, **kw)
+    whole = [[fingerprint(b) for b in local] for _ in range(3)]
+    assert len(whole[0]) == 2 and whole[0] != whole[1]  # 19 samples of rank 1 / 8: 2 batches an epoch
+    remote = build_loader(s3_shards, **kw)
+    assert [fingerprint(b) for b in remote] == whole[0]
+    for b in remote:  # killed after the second epoch's first batch
+        first = fingerprint(b)
+        state = remote.state()
+        break
+    resumed = build_loader(s3_shards, state=state, **kw)
+    assert [first] + [fingerprint(b) for b in resumed] == whole[1]
+    assert [fingerprint(b) for b in resumed] == whole[2]
+
+
+COPIES = itertools.count()
+
+
+@pytest.fixture
+def doomed_shards(s3_env, exact_shards) -> str:
+    """A copy of the shard set of its own in the store, for a test that deletes a tar."""
+    url = f"s3://{BUCKET}/doomed-{next(COPIES)}"
+    r = CliRunner().invoke(cli, ["upload", str(exact_shards), url, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    return url
+
+
+def delete(url: str) -> None:
+    store.client().delete_object(Bucket=BUCKET, Key=store.split(url)[1])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_torch_loader_names_a_tar_gone_from_the_store(doomed_shards, split):
+    """Deleted after the manifest was read: the worker's StoreError arrives as its one sentence."""
+    loader = build_loader(doomed_shards, split=split, loader="torch", res=32, batch_size=4, workers=1)
+    delete(f"{doomed_shards}/{split}-000001.tar")
+    with pytest.raises(StoreError) as e:
+        list(loader)
+    assert str(e.value) == (f"{doomed_shards}/{split}-000001.tar does not exist (no such key or bucket at "
+                            f"{os.environ['AWS_ENDPOINT_URL']}).")
+
+
+def test_torch_loader_names_a_stream_broken_midway(s3_env, s3_shards, monkeypatch):
+    """A connection lost while a tar streams (botocore's error, raised in the worker)."""
+    from botocore.exceptions import ResponseStreamingError
+    from botocore.response import StreamingBody
+
+    def broken(self, amt=None):
+        raise ResponseStreamingError(error="Connection broken: reset by peer")
+
+    loader = build_loader(s3_shards, split="val", loader="torch", res=32, batch_size=4, workers=1)
+    monkeypatch.setattr(StreamingBody, "read", broken)  # the DataLoader's worker is forked: it has it too
+    with pytest.raises(StoreError) as e:
+        list(loader)
+    assert re.fullmatch(rf"the object store at \S+ failed for {s3_shards}/val-00000\d\.tar \(An error occurred "
+                        r"while reading from response stream: Connection broken: reset by peer\)\.", str(e.value))
+
+
+def test_torch_loader_names_a_tar_gone_from_a_folder(exact_shards, tmp_path):
+    shards = tmp_path / "s"
+    shutil.copytree(exact_shards, shards)
+    loader = build_loader(shards, split="val", loader="torch", res=32, batch_size=4, workers=1)
+    (shards / "val-000002.tar").unlink()
+    with pytest.raises(LoaderError) as e:
+        list(loader)
+    assert str(e.value) == (f"could not read {shards}/val-000002.tar (No such file or directory); "
+                            f"run `depthcli verify {shards}`.")
+
+
+def test_dali_names_a_tar_gone_from_the_store_midway(doomed_shards):
+    """DALI's S3 reader fails on the next read of the deleted tar ("Failed to flush response
+    stream"), within a second; the loader finds which file went and names it."""
+    loader = build_loader(doomed_shards, split="train", loader="dali", res=32, batch_size=8, workers=1,
+                          augment=Augment.off())
+    assert len(list(loader)) == 4
+    delete(f"{doomed_shards}/train-000003.tar")
+    t0 = time.time()
+    with pytest.raises(LoaderError) as e:
+        for _ in range(3):  # the reader is up to an epoch ahead
+            list(loader)
+    assert str(e.value) == (f"DALI could not read {doomed_shards}/train-000003.tar, which no longer exists; "
+                            f"run `depthcli verify {doomed_shards}`.")
+    assert time.time() - t0 < 30

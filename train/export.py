@@ -53,6 +53,14 @@ class PairModel(nn.Module):
         return mask.float(), depth.float()
 
 
+def cuda_provider() -> bool:
+    """Whether this onnxruntime can run on a GPU: the onnxruntime that pyproject installs cannot,
+    onnxruntime-gpu can."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 class OnnxRunner:
     """An exported file in onnxruntime, called like predict.TorchRunner: (bg, fg_bg) float32
     arrays B×3×H×W to (mask, depth) B×1×H×W. CUDA when asked for and the wheel has it."""
@@ -64,7 +72,7 @@ class OnnxRunner:
             raise ExportError(f"{path} does not exist.")
         providers = ["CPUExecutionProvider"]
         if str(device).startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
+            if not cuda_provider():
                 raise ExportError("--device cuda needs onnxruntime with the CUDA provider (pip install onnxruntime-gpu).")
             providers.insert(0, "CUDAExecutionProvider")
         try:
@@ -173,6 +181,18 @@ def _metrics(mask: torch.Tensor, depth: torch.Tensor, batch: dict) -> dict[str, 
     return sums.compute()
 
 
+def worst(diffs) -> float:
+    """The largest of `diffs`, NaN if any is NaN: an fp16 overflow gives NaN outputs, and
+    Python's max() keeps or drops a NaN depending on where it stands."""
+    return float(np.max(np.asarray(list(diffs), dtype=np.float64)))
+
+
+def agrees(result: dict, tol_out: float, tol_metric: float, has_targets: bool) -> bool:
+    """Both differences within their tolerance; `<=` and not `>`, so NaN (and inf) disagree. The
+    metric difference is NaN by design where the inputs have no targets."""
+    return result["max_abs_diff"] <= tol_out and (not has_targets or result["metric_diff"] <= tol_metric)
+
+
 def compare(onnx_path: str | Path, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """onnxruntime (CPU) against the float32 PyTorch model on `batch`: the largest absolute
     difference of any output pixel, and (when the batch has targets) of any metric figure."""
@@ -180,10 +200,10 @@ def compare(onnx_path: str | Path, model: nn.Module, batch: dict[str, torch.Tens
     with torch.inference_mode():
         ref = model(torch.cat([batch["bg"], batch["fg_bg"]], 1))
     got = runner(batch["bg"].numpy(), batch["fg_bg"].numpy())
-    out = {"max_abs_diff": max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref)), "metric_diff": math.nan}
+    out = {"max_abs_diff": worst(np.abs(g - r.numpy()).max() for g, r in zip(got, ref)), "metric_diff": math.nan}
     if "mask" in batch:
         a, b = _metrics(*ref, batch), _metrics(*(torch.from_numpy(g) for g in got), batch)
-        out["metric_diff"] = max(abs(a[k] - b[k]) for k in a if k != "samples")
+        out["metric_diff"] = worst(abs(a[k] - b[k]) for k in a if k != "samples")
         out["mask_iou"], out["depth_rms"] = a["mask/iou"], a["depth/rms"]
     return out
 
@@ -211,11 +231,12 @@ def export(ckpt_path: str, out: str, res: int = 0, dynamic: bool = False, fp16: 
     if dynamic:  # another batch size and a non-square size the example never had
         g = torch.Generator().manual_seed(1)
         other = {k: torch.rand(3, 3, max(16, res // 8 * 4), res + 4, generator=g) for k in INPUTS}
-        result["max_abs_diff"] = max(result["max_abs_diff"], compare(tmp, model, other)["max_abs_diff"])
-    bad = result["max_abs_diff"] > tol_out or result["metric_diff"] > tol_metric  # NaN compares False
-    if bad:
+        result["max_abs_diff"] = worst([result["max_abs_diff"], compare(tmp, model, other)["max_abs_diff"]])
+    if not agrees(result, tol_out, tol_metric, "mask" in batch):
         os.replace(tmp, out_path.with_name(out_path.name + ".rejected"))
-        raise ExportError(f"onnxruntime disagrees with PyTorch on {source}: max abs diff {result['max_abs_diff']:.2e} "
+        overflow = fp16 and not math.isfinite(result["max_abs_diff"])
+        why = " (not finite: the model overflows float16; export it without --fp16)" if overflow else ""
+        raise ExportError(f"onnxruntime disagrees with PyTorch on {source}: max abs diff {result['max_abs_diff']:.2e}{why} "
                           f"(tolerance {tol_out:.0e}), metric diff {result['metric_diff']:.2e} (tolerance {tol_metric:.0e}); "
                           f"the file is kept as {out_path.name}.rejected.")
     os.replace(tmp, out_path)
