@@ -1,16 +1,22 @@
 """Pairs/s of `depthcli predict`: PyTorch against onnxruntime, batch 1 and 32, in one run.
 
     .venv/bin/python scripts/bench_predict.py --pairs 32 --res 224 --rounds 2 --threads 1
+    python scripts/bench_predict.py --device cuda --batch-sizes 1,256 --pairs 768 --threads 0
 
 Makes --pairs synthetic pairs (--size JPEGs, like downscaled photos), a checkpoint of random
 weights (speed does not depend on the weights) and its ONNX export (float32, and --fp16), then
 runs train.predict.predict, the code behind `depthcli predict`, on every configuration: torch
-and onnx at batch 1 and 32, the fp16 file at 32, and "io only" (the same reads, resizes and
-writes with a model that returns zeros: the ceiling that reading and writing alone allow; and
-so without the side-by-side picture, --no-side).
+and onnx at each of --batch-sizes (default 1 and 32), the fp16 file at the largest, and "io only"
+(the same reads, resizes and writes with a model that returns zeros: the ceiling that reading
+and writing alone allow; and so without the side-by-side picture, --no-side).
+--device cuda runs PyTorch under bf16 autocast, as training does on a GPU (predict itself runs
+float32: its runner is wrapped here), and onnxruntime with its CUDA provider; without that
+provider (the plain onnxruntime wheel, or one whose CUDA libraries do not load) the onnx
+configurations are left out and the report says why.
 Configurations are interleaved round by round, so load from other processes on a shared machine
 falls on all of them alike; the report gives the median pairs/s over rounds and each one's ratio
-to torch at batch 1. --threads is the model's CPU threads (torch and onnxruntime alike).
+to the first (torch at the smallest batch). --threads is the model's CPU threads (torch and
+onnxruntime alike).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train import checkpoint, predict  # noqa: E402
-from train.export import export  # noqa: E402
+from train.export import OnnxRunner, export  # noqa: E402
 from train.model import build_model  # noqa: E402
 
 
@@ -64,7 +70,61 @@ class ZeroRunner:
         return zeros, zeros
 
 
-def main() -> None:
+class Autocast:
+    """A PyTorch runner under bf16 autocast on its device; its outputs stay float32 (TorchRunner
+    casts them back)."""
+
+    def __init__(self, run):
+        self.run, self.name = run, f"{run.name}, bf16 autocast"
+
+    def __call__(self, bg: np.ndarray, fg_bg: np.ndarray):
+        with torch.autocast(torch.device(self.run.device).type, dtype=torch.bfloat16):
+            return self.run(bg, fg_bg)
+
+
+def bf16(make_runner):
+    """predict.runner, with its PyTorch runner (not onnxruntime's) under bf16 autocast."""
+    def runner(*args, **kwargs):
+        run, res = make_runner(*args, **kwargs)
+        return (Autocast(run) if isinstance(run, predict.TorchRunner) else run), res
+    return runner
+
+
+def no_cuda_provider(providers: list[str]) -> str | None:
+    """Why onnxruntime cannot run on the GPU here (the plain wheel), or None."""
+    if "CUDAExecutionProvider" in providers:
+        return None
+    return f"this onnxruntime has no CUDAExecutionProvider (it has {', '.join(providers)}); pip install onnxruntime-gpu"
+
+
+def cuda_provider_fell_back(path: Path) -> str | None:
+    """Why an onnxruntime that lists the CUDA provider still cannot run `path` on the GPU, or None:
+    when the provider's CUDA or cuDNN libraries do not load, onnxruntime quietly runs on the CPU,
+    which at batch 256 and 224 px would take minutes and compare nothing."""
+    got = OnnxRunner(path, "cuda").session.get_providers()
+    return None if got[0] == "CUDAExecutionProvider" else f"onnxruntime's CUDAExecutionProvider did not load; it ran on {got[0]}"
+
+
+def configs(args, ckpt: Path, onnx: dict[str, Path], onnx_left_out: str | None = None) -> tuple[dict, dict]:
+    """{name: (predict's model arguments, batch size)} in the order they run, and {name: why}
+    for what is left out. onnx: the exported files, {"float32": .., "fp16": ..}."""
+    torch_name = "torch bf16" if args.device == "cuda" else "torch"
+    skipped = {"onnx": onnx_left_out} if onnx_left_out else {}
+    with_onnx = not onnx_left_out
+    big = max(args.batch_sizes)
+    out = {}
+    for b in args.batch_sizes:
+        out[f"{torch_name} b{b}"] = ({"checkpoint_path": str(ckpt)}, b)
+        if with_onnx:
+            out[f"onnx b{b}"] = ({"checkpoint_path": None, "onnx_path": str(onnx["float32"])}, b)
+    if with_onnx:
+        out[f"onnx fp16 b{big}"] = ({"checkpoint_path": None, "onnx_path": str(onnx["fp16"])}, big)
+    out[f"io only b{big}"] = ({"checkpoint_path": str(ckpt)}, big)
+    out[f"io only b{big} no side"] = ({"checkpoint_path": str(ckpt), "side": False}, big)
+    return out, skipped
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=64, help="pairs per configuration and round (default: 64)")
     p.add_argument("--res", type=int, default=224, help="model resolution (default: 224)")
@@ -72,8 +132,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds over all configurations (default: 3)")
     p.add_argument("--threads", type=int, default=1, help="model CPU threads; 0 = the library's default (default: 1)")
     p.add_argument("--workers", type=int, default=2, help="predict's read/write threads (default: 2)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the model runs: cuda = PyTorch in bf16, onnxruntime's CUDA provider (default: cpu)")
+    p.add_argument("--batch-sizes", default="1,32", help="batch sizes, comma-separated (default: 1,32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    except ValueError:
+        p.error(f"--batch-sizes takes numbers like 1,32, not {args.batch_sizes!r}")
+    if not args.batch_sizes or min(args.batch_sizes) < 1:
+        p.error("--batch-sizes: each must be at least 1")
+    return args
+
+
+def main() -> None:
+    import onnxruntime
+
+    args = parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     bgs, scenes = make_pairs(root, args.pairs, tuple(args.size))
@@ -81,44 +157,46 @@ def main() -> None:
     ckpt = root / "random.pt"
     checkpoint.save(ckpt, {"model": "reference", "model_args": {}, "res": args.res,
                            "state_dict": build_model("reference").state_dict(), "step": 0, "epoch": 0})
-    for fp16 in (False, True):
-        export(str(ckpt), str(root / f"model{'_fp16' if fp16 else ''}.onnx"), fp16=fp16, samples=2)
+    onnx = {"float32": root / "model.onnx", "fp16": root / "model_fp16.onnx"}
+    why = no_cuda_provider(onnxruntime.get_available_providers()) if args.device == "cuda" else None
+    if not why:
+        for kind, path in onnx.items():
+            export(str(ckpt), str(path), fp16=kind == "fp16", samples=2)
+        why = cuda_provider_fell_back(onnx["float32"]) if args.device == "cuda" else None
+    runs, skipped = configs(args, ckpt, onnx, why)
 
-    configs = {  # name -> (predict's model arguments, batch size)
-        "torch b1": ({"checkpoint_path": str(ckpt)}, 1),
-        "onnx b1": ({"checkpoint_path": None, "onnx_path": str(root / "model.onnx")}, 1),
-        "torch b32": ({"checkpoint_path": str(ckpt)}, 32),
-        "onnx b32": ({"checkpoint_path": None, "onnx_path": str(root / "model.onnx")}, 32),
-        "onnx fp16 b32": ({"checkpoint_path": None, "onnx_path": str(root / "model_fp16.onnx")}, 32),
-        "io only b32": ({"checkpoint_path": str(ckpt)}, 32),
-        "io only b32 no side": ({"checkpoint_path": str(ckpt), "side": False}, 32),
-    }
     real_runner = predict.runner
-    rates: dict[str, list[float]] = {name: [] for name in configs}
+    model_runner = bf16(real_runner) if args.device == "cuda" else real_runner
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    runners: dict[str, str] = {}  # what ran: onnxruntime names the provider it got
     for r in range(args.rounds):
-        for name, (model_args, batch) in configs.items():
-            predict.runner = (lambda *a: (ZeroRunner(args.res), args.res)) if name.startswith("io") else real_runner
-            out = predict.predict(bg=str(bgs), fg_bg=str(scenes), out=str(root / "out"), device="cpu",
+        for name, (model_args, batch) in runs.items():
+            predict.runner = (lambda *a: (ZeroRunner(args.res), args.res)) if name.startswith("io") else model_runner
+            out = predict.predict(bg=str(bgs), fg_bg=str(scenes), out=str(root / "out"), device=args.device,
                                   batch_size=batch, workers=args.workers, threads=args.threads, **model_args)
             rates[name].append(out["pairs"] / out["seconds"])
+            runners[name] = out["runner"]
             print(f"round {r + 1} {name:20s} {rates[name][-1]:7.2f} pairs/s", file=sys.stderr)
     predict.runner = real_runner
 
-    base = statistics.median(rates["torch b1"])
+    first = next(iter(runs))
+    base = statistics.median(rates[first])
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads available",
-              "command": " ".join(sys.argv), "pairs": args.pairs, "res": args.res, "size": list(args.size),
-              "threads": args.threads, "workers": args.workers,
+              "command": " ".join(sys.argv), "device": args.device, "pairs": args.pairs, "res": args.res,
+              "size": list(args.size), "threads": args.threads, "workers": args.workers, "rounds": args.rounds,
               "pairs_per_s": {k: statistics.median(v) for k, v in rates.items()},
-              "all_rounds": rates}
+              "runners": runners, "skipped": skipped, "all_rounds": rates}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.pairs} pairs of {args.size[0]}x{args.size[1]} JPEGs at {args.res}px, {args.threads or 'default'} model "
-          f"thread(s), {args.workers} io threads, median of {args.rounds} interleaved rounds")
-    print(f"{'config':21s}{'pairs/s':>9s}{'vs torch b1':>13s}   rounds")
+    print(f"{args.pairs} pairs of {args.size[0]}x{args.size[1]} JPEGs at {args.res}px on {args.device}, "
+          f"{args.threads or 'default'} model thread(s), {args.workers} io threads, median of {args.rounds} interleaved rounds")
+    print(f"{'config':21s}{'pairs/s':>9s}{'vs ' + first:>13s}   rounds")
     for name, values in rates.items():
         med = statistics.median(values)
         print(f"{name:21s}{med:9.2f}{med / base:12.2f}x   " + " ".join(f"{v:.2f}" for v in values))
+    for name, why in skipped.items():
+        print(f"{name}: left out: {why}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 The list: every absolute import in pipeline/ and train/ (found with ast, so new dependencies are
 checked too) that is neither the standard library nor the project, plus what DALI and webdataset
-import on first use (their own requirements, which a --no-deps install would leave out).
+import on first use (their own requirements, which a --no-deps install would leave out), plus
+pytest: scripts/gpu_check.sh --stage tests runs the suite, and the offline bundle brings it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ("pipeline", "train")
 # DALI 2.x (its conditionals and Python operators) and webdataset at import time.
 RUNTIME_NEEDS = ["six", "packaging", "gast", "astunparse", "optree", "nvtx", "makefun", "libcst", "yaml", "braceexpand"]
+TEST_NEEDS = ["pytest"]
 
 
 def project_imports(root: Path = ROOT) -> list[str]:
@@ -45,7 +47,7 @@ def missing(modules: list[str]) -> dict[str, str]:
 
 
 def main() -> int:
-    modules = sorted(set(project_imports()) | set(RUNTIME_NEEDS))
+    modules = sorted(set(project_imports()) | set(RUNTIME_NEEDS) | set(TEST_NEEDS))
     bad = missing(modules)
     if bad:
         print(f"{len(bad)} of {len(modules)} modules the project needs do not import: "

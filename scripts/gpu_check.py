@@ -1,17 +1,22 @@
 """Everything the project promises on a GPU, measured in one command, in slices of under 9 minutes.
 
-    bash scripts/gpu_check.sh OUT_DIR [--stage tests|loader|train|all] [--res 64,128,224]
+    bash scripts/gpu_check.sh OUT_DIR [--stage tests|loader|train|predict|all] [--res 64,128,224]
     python scripts/gpu_check.py OUT_DIR --report     # rebuild the report from OUT_DIR's stage files
 
 Run from the repository root on a machine with an NVIDIA GPU, PyTorch and the project's
 dependencies (scripts/offline_install.sh). Stages:
-  tests   the whole test suite on the GPU machine (its GPU tests run there, the CPU ones too);
+  tests   the test suite on the GPU machine: first the GPU tests (those skipped without CUDA) in
+          their own pytest call, then the rest with the time left, so a slow suite cannot cost
+          the GPU tests' record;
   loader  `depthcli bench` at 224 px, full augmentation: DALI on the GPU against the torch loader
           on the GPU at batch 64 and 256, and DALI's hw_decoder_load swept at batch 256;
   train   train/main.py samples/s at 64, 128 and 224 px (the GPU default batches) for synthetic
-          tensors (the model alone) and the DALI loader, without and with --compile, with peak
-          memory; the verdict per resolution: DALI / synthetic below 0.95 means the loader is
-          the bottleneck.
+          tensors (the model alone) and the DALI loader, without and with --compile (at 224 px
+          also --compile-mode reduce-overhead: CUDA graphs), with peak memory, over 40 steps or
+          fewer where an epoch is shorter (timed_steps); the verdict per resolution: DALI /
+          synthetic below 0.95 means the loader is the bottleneck;
+  predict `depthcli predict`'s pairs/s at 224 px, batch 1 and 256: PyTorch in bf16 against
+          onnxruntime's CUDA provider (left out, and said, when the wheel has none).
 The loader and train stages make their dataset first (40,000 samples, made and sharded with
 every core, kept in --work for the next slice). Each stage writes OUT_DIR/stage_<name>.json with
 the GPU's facts (nvidia-smi, torch, DALI, CPUs); every run then rebuilds OUT_DIR/gpu_check.json
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -38,14 +44,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-STAGES = ("tests", "loader", "train")
+STAGES = ("tests", "loader", "train", "predict")
 STAGE_BUDGET_S = 510  # each slice stays under 9 minutes, the dataset included
+STEP_MIN_S = 20  # no step starts with less left: it could not finish
 RESOLUTIONS = (64, 128, 224)
 DATASET = {"num_bg": 50, "num_fg": 20, "placements": 20}  # 40,000 samples, 224 px
 BATCHES = (64, 256)
 HW_LOADS = (0.0, 0.5, 0.65, 0.9, 1.0)
-COMPILE = (False, True)
+# --compile-mode per train run: None = eager. CUDA graphs (reduce-overhead) only at 224 px, whose
+# batch of 128 is the one most likely launch-bound; last, so a short budget drops them first.
+COMPILE_MODES, CUDA_GRAPHS_RES = (None, "default"), (224,)
 DEVICE, TRAIN_STEPS, BENCH_BATCHES = "cuda", 40, (40, 20)  # a CPU smoke run of this script lowers them
+# The tests stage: the suite's skip mark without CUDA (`reason="needs a GPU"` in tests/test_gpu_ready,
+# test_loaders, test_train) is what makes a test a GPU test; they get at most GPU_TESTS_S.
+TESTS, PYTEST, GPU_TEST_REASON, GPU_TESTS_S = "tests", [sys.executable, "-m", "pytest"], "needs a GPU", 300
+PART_ENV, PARTS = "GPU_CHECK_TESTS", {"gpu": "GPU tests", "rest": "the rest"}
+# Issue 12's comparison; --pairs a few batches of 256, so batch 256 is not one call.
+PREDICT_ARGS = ["--device", "cuda", "--batch-sizes", "1,256", "--pairs", "768", "--res", "224", "--rounds", "3",
+                "--threads", "0"]
 GOALS = {"dali_224": 20_000, "train_224": 2_500, "epoch_400k_s": 180, "ratio": 0.95}
 
 
@@ -115,7 +131,7 @@ class Budget:
 
 def run_cmd(cmd: list[str], budget: Budget, cwd: Path = ROOT) -> str:
     """Run a step; its stdout, or RuntimeError with the end of its output."""
-    if budget.left() < 20:
+    if budget.left() < STEP_MIN_S:
         raise RuntimeError("not run: the stage's time budget is spent; run this stage again with fewer --res")
     try:
         done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=budget.left())
@@ -151,25 +167,93 @@ def step(results: list, budget: Budget, what: dict, fn) -> None:
 
 
 def stage_tests(a, budget: Budget) -> dict:
-    xml = a.work / "tests.xml"
+    """The GPU tests first, in their own pytest call with at most GPU_TESTS_S, so they are
+    recorded whatever the rest does; then the rest with what is left. Both are recorded."""
     a.work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", f"--junitxml={xml}", "tests"]
+    parts = {"gpu": run_pytest("gpu", a.work, min(budget.left(), GPU_TESTS_S))}
+    parts["rest"] = run_pytest("rest", a.work, budget.left())
+    kinds = ("passed", "failed", "skipped")
+    out: dict = {k: sorted(name for p in parts.values() for name in p.get(k, [])) for k in kinds}
+    out["summary"] = "; ".join(f"{PARTS[k]}: {p.get('summary', 'not run')}" for k, p in parts.items())
+    errors = [f"{PARTS[k]}: {p['error']}" for k, p in parts.items() if "error" in p]
+    if errors:
+        out["error"] = "; ".join(errors)
+    out["parts"] = {k: {**{n: v for n, v in p.items() if n not in kinds}, **{n: len(p.get(n, [])) for n in kinds}}
+                    for k, p in parts.items()}
+    return out
+
+
+def run_pytest(part: str, work: Path, seconds: float) -> dict:
+    """One pytest call over TESTS keeping `part` of it ("gpu" or "rest": see
+    pytest_collection_modifyitems below), its JUnit file read. Past `seconds` it gets a Ctrl-C, on
+    which pytest still writes the JUnit file of the tests it finished: a slow suite loses only
+    what it did not reach."""
+    if seconds < STEP_MIN_S:
+        return {"error": "not run: the stage's time budget is spent"}
+    xml = work / f"tests_{part}.xml"
+    xml.unlink(missing_ok=True)
+    # `-p gpu_check` loads this file as a plugin: scripts/ goes on the path for it.
+    path = os.pathsep.join(filter(None, [str(ROOT / "scripts"), str(ROOT), os.environ.get("PYTHONPATH")]))
+    cmd = [*PYTEST, "-q", "-rs", "-p", "gpu_check", f"--junitxml={xml}", TESTS]
+    t0 = time.monotonic()
+    # Its own session: what a stopped test leaves running (torchrun's workers) goes with it.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, PART_ENV: part, "PYTHONPATH": path}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget.left())
+        out, err = proc.communicate(timeout=seconds)
+        late = False
     except subprocess.TimeoutExpired:
-        return {"error": f"the test suite ran past {STAGE_BUDGET_S} s"}
+        out, err = _interrupt(proc)
+        late = True
+    result = {**junit(xml), "seconds": round(time.monotonic() - t0, 1)}
+    result["summary"] = (out.strip().splitlines() or ["(no output)"])[-1]
+    if late:
+        result["error"] = f"ran past its {seconds:.0f} s and was stopped; the tests it finished are recorded"
+    elif proc.returncode:  # stderr too: "No module named pytest" is said there, stdout is empty
+        result["error"] = f"pytest exit {proc.returncode}: {(out[-600:] + err[-600:]).strip()}"
+    return result
+
+
+def _interrupt(proc: subprocess.Popen) -> tuple[str, str]:
+    """Ctrl-C for pytest, then whatever is left of its session killed."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing was left
+        pass
+    return out, err
+
+
+def junit(xml: Path) -> dict:
+    """{"passed", "failed", "skipped"}: test names (module::test) from a JUnit file, if there is one."""
     cases = ET.parse(xml).getroot().iter("testcase") if xml.is_file() else []
-    out = {"passed": [], "failed": [], "skipped": []}
-    for c in cases:
+    out: dict = {"passed": [], "failed": [], "skipped": []}
+    for c in (c for c in cases if c.get("name")):  # an interrupted run ends with an empty <testcase/>
         name = f"{c.get('classname', '').rsplit('.', 1)[-1]}::{c.get('name')}"
         kind = "failed" if c.find("failure") is not None or c.find("error") is not None else \
             "skipped" if c.find("skipped") is not None else "passed"
         out[kind].append(name)
-    out = {k: sorted(v) for k, v in out.items()}
-    out["summary"] = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
-    if done.returncode:
-        out["error"] = f"pytest exit {done.returncode}: {done.stdout[-800:]}"
-    return out
+    return {k: sorted(v) for k, v in out.items()}
+
+
+# pytest plugin hooks, active in run_pytest's calls only (`-p gpu_check` with PART_ENV set).
+
+def is_gpu_test(item) -> bool:
+    return any(GPU_TEST_REASON in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    part = os.environ.get(PART_ENV)
+    if part not in PARTS:
+        return
+    keep = [is_gpu_test(item) == (part == "gpu") for item in items]
+    config.hook.pytest_deselected(items=[item for item, k in zip(items, keep) if not k])
+    items[:] = [item for item, k in zip(items, keep) if k]
 
 
 def stage_loader(a, budget: Budget) -> dict:
@@ -183,33 +267,72 @@ def stage_loader(a, budget: Budget) -> dict:
     for batch in BATCHES:
         for loader in ("dali", "torch"):
             step(results, budget, {"loader": loader, "batch_size": batch}, bench(loader, batch))
-    for load in HW_LOADS:
-        step(results, budget, {"loader": "dali", "batch_size": BATCHES[-1], "sweep": True}, bench("dali", BATCHES[-1], load))
+    for load in HW_LOADS:  # the load in `what` too: a failed row still says which it was
+        step(results, budget, {"loader": "dali", "batch_size": BATCHES[-1], "sweep": True, "hw_decoder_load": load},
+             bench("dali", BATCHES[-1], load))
     return {"runs": results}
 
 
 def stage_train(a, budget: Budget) -> dict:
     from bench_train import train_rate
+    from train.main import TrainSettings
 
     shards, results = dataset(a.work, budget), []
-    for res in a.res:
-        for compiled in COMPILE:
-            for loader in ("synthetic", "dali"):
-                what = {"res": res, "loader": loader, "compile": compiled}
-                out = a.work / "runs" / f"{loader}-{res}-{'c' if compiled else 'e'}"
-                step(results, budget, what, lambda: _train(train_rate, loader, out, shards, res, compiled, budget))
+    for what in train_runs(a.res):
+        batch = TrainSettings(res=what["res"], device=DEVICE).batch()
+        out = a.work / "runs" / f"{what['loader']}-{what['res']}-{variant(what).replace(' ', '-')}"
+        step(results, budget, what, lambda: _train(train_rate, what, out, shards, batch, budget))
     return {"runs": results}
 
 
-def _train(train_rate, loader, out, shards, res, compiled, budget: Budget) -> dict:
+def train_runs(resolutions: list[int]) -> list[dict]:
+    """What the train stage measures, in order: per resolution and compile mode, synthetic then DALI."""
+    runs = []
+    for res in resolutions:
+        for mode in COMPILE_MODES + (("reduce-overhead",) if res in CUDA_GRAPHS_RES else ()):
+            for loader in ("synthetic", "dali"):
+                runs.append({"res": res, "loader": loader, "compile": mode is not None,
+                             **({"compile_mode": mode} if mode else {})})
+    return runs
+
+
+def variant(r: dict) -> str:
+    """"eager", "compile" or "compile reduce-overhead": how a train run ran."""
+    mode = r.get("compile_mode", "default")
+    return "eager" if not r["compile"] else "compile" if mode == "default" else f"compile {mode}"
+
+
+def _train(train_rate, what: dict, out: Path, shards: Path, batch: int, budget: Budget) -> dict:
     if budget.left() < 30:
         raise RuntimeError("not run: the stage's time budget is spent; run --stage train with fewer --res")
-    from train.main import TrainSettings
+    steps, log_every = timed_steps(epoch_batches(shards, batch))
+    flags = ["--compile", "--compile-mode", what["compile_mode"]] if what["compile"] else []
+    r = train_rate(what["loader"], out, str(shards), what["res"], batch, steps=steps, log_every=log_every, device=DEVICE,
+                   train_args=flags, timeout=budget.left())
+    return {"batch_size": batch, "steps": steps, **r}
 
-    batch = TrainSettings(res=res, device=DEVICE).batch()
-    r = train_rate(loader, out, str(shards), res, batch, steps=TRAIN_STEPS, log_every=TRAIN_STEPS // 4, device=DEVICE,
-                   train_args=["--compile"] if compiled else [], timeout=budget.left())
-    return {"batch_size": batch, **r}
+
+def epoch_batches(shards: Path, batch: int) -> int:
+    from pipeline.epoch import plan
+
+    return plan(shards, "train", batch, 0, 1, True).batches
+
+
+def timed_steps(epoch: int) -> tuple[int, int]:
+    """(steps, log_every): four equal logged intervals, all inside the first epoch. bench_train
+    averages the rates of the intervals after the first (warm-up) alike, so one spanning an
+    epoch's end (a short last interval, the loader starting its next pass) would weigh as much
+    as a full one, and for DALI only: synthetic's pass is 50 batches. At 64 px the training split
+    is 37 batches of 1024, fewer than TRAIN_STEPS; both loaders take the same steps."""
+    log_every = max(1, min(TRAIN_STEPS, epoch - 1) // 4)
+    return 4 * log_every, log_every
+
+
+def stage_predict(a, budget: Budget) -> dict:
+    """Issue 12: scripts/bench_predict.py on the GPU, its JSON as it is."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_predict.py"), *PREDICT_ARGS,
+           "--workers", str(os.cpu_count() or 1), "--json"]
+    return json.loads(run_cmd(cmd, budget).strip().splitlines()[-1])
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -226,14 +349,13 @@ def summarize(stages: dict) -> dict:
         s["dali_224_goal_met"] = best["samples_per_s"] >= GOALS["dali_224"]
     train = [r for r in stages.get("train", {}).get("runs", []) if "samples_per_s" in r]
     verdicts = {}
-    for res in sorted({r["res"] for r in train}):
-        for compiled in (False, True):
-            pair = {r["loader"]: r["samples_per_s"] for r in train if r["res"] == res and r["compile"] == compiled}
-            if {"synthetic", "dali"} <= pair.keys():
-                ratio = pair["dali"] / pair["synthetic"]
-                verdicts[f"{res}{' compile' if compiled else ''}"] = {
-                    "dali_over_synthetic": round(ratio, 3),
-                    "bottleneck": "model (the loader keeps up)" if ratio >= GOALS["ratio"] else "loader"}
+    for key in dict.fromkeys(verdict_key(r) for r in sorted(train, key=lambda r: r["res"])):
+        pair = {r["loader"]: r["samples_per_s"] for r in train if verdict_key(r) == key}
+        if {"synthetic", "dali"} <= pair.keys():
+            ratio = pair["dali"] / pair["synthetic"]
+            verdicts[key] = {
+                "dali_over_synthetic": round(ratio, 3),
+                "bottleneck": "model (the loader keeps up)" if ratio >= GOALS["ratio"] else "loader"}
     if verdicts:
         s["verdicts"] = verdicts
         s["dali_never_the_bottleneck"] = all(v["dali_over_synthetic"] >= GOALS["ratio"] for v in verdicts.values())
@@ -250,6 +372,11 @@ def summarize(stages: dict) -> dict:
     if peaks:
         s["train_peak_gb"] = max(peaks)
     return s
+
+
+def verdict_key(r: dict) -> str:
+    """"224", "224 compile", "224 compile reduce-overhead": a synthetic run and a DALI run pair up."""
+    return f"{r['res']}{'' if variant(r) == 'eager' else ' ' + variant(r)}"
 
 
 def _cell(text: str) -> str:
@@ -269,7 +396,8 @@ def markdown(report: dict) -> str:
     t = stages.get("tests", {})
     if "summary" in t or "error" in t:
         said = t.get("summary", _cell(t.get("error", "")))
-        lines += [f"**Tests:** {said} " + (f"Failed: {', '.join(t['failed'])}." if t.get("failed") else ""), ""]
+        why = f"Failed: {', '.join(t['failed'])}." if t.get("failed") else f"({_cell(t['error'])})" if "error" in t else ""
+        lines += [f"**Tests:** {said} {why}".rstrip(), ""]
     loader = stages.get("loader", {}).get("runs", [])
     if loader:
         torch_rate = {r["batch_size"]: r.get("samples_per_s") for r in loader if r["loader"] == "torch"}
@@ -282,7 +410,8 @@ def markdown(report: dict) -> str:
                 continue
             base = torch_rate.get(r["batch_size"])
             vs = f"{r['samples_per_s'] / base:.2f}" if base and r["loader"] == "dali" else "1.00" if r["loader"] == "torch" else "–"
-            lines.append(f"| {r['loader']} | {r['batch_size']} | {r.get('hw_decoder_load') or 'default' if r['loader'] == 'dali' else ''} | "
+            load = "" if r["loader"] != "dali" else "default" if r.get("hw_decoder_load") is None else r["hw_decoder_load"]
+            lines.append(f"| {r['loader']} | {r['batch_size']} | {load} | "
                          f"{_f(r['samples_per_s'])} | {_f(r['images_per_s'])} | {vs} | {_f(r.get('gpu_peak_gb'), '{:.2f}')} | "
                          f"{_f(r.get('gpu_other_gb'), '{:.2f}')} |")
         lines.append("")
@@ -292,16 +421,18 @@ def markdown(report: dict) -> str:
                   "| res | batch | compile | loader | samples/s | DALI / synthetic | bottleneck | torch peak GB | DALI + other GB |",
                   "|---:|---:|---|---|---:|---:|---|---:|---:|"]
         for r in train:
-            v = s.get("verdicts", {}).get(f"{r['res']}{' compile' if r['compile'] else ''}", {})
+            v = s.get("verdicts", {}).get(verdict_key(r), {})
+            compiled = {"eager": "no", "compile": "yes"}.get(variant(r), f"CUDA graphs ({r.get('compile_mode')})")
             if "error" in r:
-                lines.append(f"| {r['res']} | | {'yes' if r['compile'] else 'no'} | {r['loader']} | failed: {_cell(r['error'])} | | | | |")
+                lines.append(f"| {r['res']} | | {compiled} | {r['loader']} | failed: {_cell(r['error'])} | | | | |")
                 continue
             dali = r["loader"] == "dali"
-            lines.append(f"| {r['res']} | {r['batch_size']} | {'yes' if r['compile'] else 'no'} | {r['loader']} | "
+            lines.append(f"| {r['res']} | {r['batch_size']} | {compiled} | {r['loader']} | "
                          f"{_f(r['samples_per_s'])} | {_f(v.get('dali_over_synthetic') if dali else None, '{:.2f}')} | "
                          f"{v.get('bottleneck', '') if dali else ''} | {_f(r.get('gpu_peak_gb'), '{:.1f}')} | "
                          f"{_f(r.get('gpu_other_gb'), '{:.1f}')} |")
         lines.append("")
+    lines += predict_lines(stages.get("predict", {}))
     goals = []
     if "dali_224_samples_per_s" in s:
         goals.append(f"| DALI loader at 224 px | ≥ {GOALS['dali_224']:,} samples/s | {_f(s['dali_224_samples_per_s'])} | "
@@ -320,10 +451,30 @@ def markdown(report: dict) -> str:
         goals.append(f"| peak GPU memory (torch, training) | reported | {s['train_peak_gb']:.1f} GB | – |")
     if goals:
         lines += ["| goal | target | measured | |", "|---|---|---:|---|", *goals, ""]
-    skipped = [f"{k}: {v['skipped']}" for k, v in stages.items() if "skipped" in v]
+    # A stage not run says why in a sentence; the tests stage's "skipped" is a list of tests.
+    skipped = [f"{k}: {v['skipped']}" for k, v in stages.items() if isinstance(v.get("skipped"), str)]
     if skipped:
         lines += [f"Skipped: {'; '.join(skipped)}", ""]
     return "\n".join(lines)
+
+
+def predict_lines(p: dict) -> list[str]:
+    """The predict stage's table: pairs/s per configuration, and what was left out and why."""
+    if "error" in p:
+        return [f"**Predict:** failed: {_cell(p['error'])}", ""]
+    if "pairs_per_s" not in p:
+        return []
+    rates = p["pairs_per_s"]
+    base = next(iter(rates.values()))
+    lines = [f"`depthcli predict` on the GPU, {p['pairs']} pairs of {p['size'][0]}x{p['size'][1]} JPEGs at {p['res']} px "
+             f"(`scripts/bench_predict.py`, median of {p['rounds']} rounds; every configuration reads the JPEGs and "
+             f"writes the PNGs: `io only`, no model, is the ceiling that leaves):", "",
+             f"| configuration | runner | pairs/s | vs {next(iter(rates))} |", "|---|---|---:|---:|"]
+    for name, rate in rates.items():
+        lines.append(f"| {name} | {p.get('runners', {}).get(name, '')} | {rate:,.1f} | {rate / base:.2f} |")
+    for name, why in p.get("skipped", {}).items():
+        lines.append(f"| {name} | skipped: {_cell(why)} | | |")
+    return lines + [""]
 
 
 def write_report(out: Path) -> dict:
@@ -364,8 +515,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         budget = Budget(STAGE_BUDGET_S)
         try:
-            result = {"tests": stage_tests, "loader": stage_loader, "train": stage_train}[name](a, budget)
-        except Exception as e:  # the dataset could not be made: nothing else of the stage can run
+            run = {"tests": stage_tests, "loader": stage_loader, "train": stage_train, "predict": stage_predict}[name]
+            result = run(a, budget)
+        except Exception as e:  # the dataset (or the predict benchmark) failed: nothing else of the stage can run
             result = {"error": f"{type(e).__name__}: {e}"}
         result["seconds"] = round(time.monotonic() - t0, 1)
         failed |= "error" in result or any("error" in r for r in result.get("runs", []))

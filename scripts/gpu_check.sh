@@ -2,7 +2,7 @@
 # Everything the project promises on a GPU, measured: see scripts/gpu_check.py for the stages,
 # the files written and the exit codes.
 #
-#     bash scripts/gpu_check.sh OUT_DIR [--stage tests|loader|train|all] [--res 64,128,224]
+#     bash scripts/gpu_check.sh OUT_DIR [--stage tests|loader|train|predict|all] [--res 64,128,224]
 #
 # From the repository root, with PyTorch and the project's dependencies installed
 # (scripts/offline_install.sh on an offline machine). PYTHON picks the interpreter (default python3).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the bundle of scripts/offline_bundle.sh on a machine with no package registry, then
-# check that everything the project imports imports.
+# check that everything the project imports imports (and pytest, for gpu_check's tests stage).
 #
 #     bash scripts/offline_install.sh DIR                 # into the running python's environment
 #     bash scripts/offline_install.sh DIR --target /tmp/site && export PYTHONPATH=/tmp/site

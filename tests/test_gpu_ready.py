@@ -3,14 +3,17 @@ every rank's error said, loss constants made once, DDP settings, the GPU batch t
 size hint, the offline install's join/verify/import check, and gpu_check's arguments, skipping
 and report. The GPU tests at the end run on a GPU machine (scripts/gpu_check.sh --stage tests)."""
 
+import argparse
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -175,6 +178,53 @@ def test_import_check_names_what_is_missing(monkeypatch):
     assert {"torch", "webdataset", "pytorch_msssim", "nvidia.dali.plugin.pytorch", "click"} <= set(check.project_imports())
     assert not any(m.split(".")[0] in ("os", "json", "pipeline", "train") for m in check.project_imports())
     assert check.missing(["json", "no_such_module_xyz"]) == {"no_such_module_xyz": "ModuleNotFoundError: No module named 'no_such_module_xyz'"}
+    assert "pytest" in check.TEST_NEEDS  # the offline machine runs the suite
+
+
+FAKE_PIP = """
+import json, pathlib, re, sys
+args = sys.argv[1:]
+with open(sys.argv[0] + ".log", "a") as log:
+    log.write(json.dumps(args) + "\\n")
+takes_value = {"--report", "--python-version", "--implementation", "--abi", "--platform", "--target", "-d"}
+reqs, i = [], 1
+while i < len(args):
+    if args[i] == "-r":
+        reqs += [line.strip() for line in open(args[i + 1]) if line.strip()]
+    elif not args[i].startswith("-"):
+        reqs.append(args[i])
+    i += 2 if args[i] in takes_value | {"-r"} else 1
+name = lambda req: re.split(r"[<>=!~ \\[;]", req, maxsplit=1)[0]
+if args[0] == "install":  # a resolution: each requirement at 1.0, and what torch brings (sympy)
+    got = [name(r) for r in reqs] + (["sympy"] if any(name(r) == "torch" for r in reqs) else [])
+    report = {"install": [{"metadata": {"name": n, "version": "1.0"}} for n in got]}
+    pathlib.Path(args[args.index("--report") + 1]).write_text(json.dumps(report))
+else:  # download: an empty wheel per pinned line
+    for r in reqs:
+        n, v = r.split("==")
+        (pathlib.Path(args[args.index("-d") + 1]) / f"{n.replace('-', '_')}-{v}-py3-none-any.whl").write_bytes(b"")
+"""
+
+
+@pytest.mark.parametrize("pin", [None, "torch==2.10.*"])
+def test_offline_bundle_brings_pytest_and_leaves_out_what_the_target_torch_brings(tmp_path, pin):
+    """pip replaced by a fake that resolves every requirement to itself (torch also to sympy)."""
+    (tmp_path / "pip.py").write_text(FAKE_PIP)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nif [ "$1 $2" = "-m pip" ]; then shift 2; exec {sys.executable} {tmp_path / "pip.py"} "$@"; fi\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), **({"TORCH_PIN": pin} if pin else {})}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "offline_bundle.sh"), str(tmp_path / "out")], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    resolves = [json.loads(line) for line in (tmp_path / "pip.py.log").read_text().splitlines() if line.startswith('["install"')]
+    assert len(resolves) == 2 and all((pin or "torch==2.11.*") in args for args in resolves)  # never the newest torch
+    requirements = (tmp_path / "out" / "requirements.txt").read_text().split()
+    assert "pytest>=8" in requirements and not any(r.startswith(("moto", "torch")) for r in requirements)
+    wheels = (tmp_path / "out" / "wheels.txt").read_text().split()
+    assert {"pytest-1.0-py3-none-any.whl", "webdataset-1.0-py3-none-any.whl", "nvidia_dali_cuda130-1.0-py3-none-any.whl"} <= set(wheels)
+    assert not any(w.startswith(("torch-", "sympy-", "moto-")) for w in wheels)
 
 
 # --- gpu_check ---------------------------------------------------------------------------------
@@ -193,6 +243,33 @@ def test_gpu_check_arguments(gpu_check, capsys):
             gpu_check.parse_args(bad)
         assert e.value.code == 2
     assert "--res" in capsys.readouterr().err
+
+
+def test_gpu_check_records_why_pytest_did_not_run(gpu_check, tmp_path, monkeypatch):
+    # As on an offline machine without pytest: the reason is on stderr, stdout is empty.
+    monkeypatch.setattr(gpu_check, "PYTEST", [sys.executable, "-c", "import sys; sys.exit('No module named pytest')"])
+    r = gpu_check.stage_tests(argparse.Namespace(work=tmp_path), gpu_check.Budget(120))
+    assert r["error"].startswith("GPU tests: pytest exit 1: No module named pytest; the rest: pytest exit 1: No module")
+
+
+def test_gpu_check_runs_the_gpu_tests_first_and_keeps_what_a_late_suite_finished(gpu_check, tmp_path, monkeypatch):
+    tests = tmp_path / "suite"
+    tests.mkdir()
+    (tests / "test_parts.py").write_text(textwrap.dedent("""
+        import time, pytest
+        cuda = pytest.mark.skipif(False, reason="needs a GPU")  # as the suite marks them, on a GPU machine
+        @cuda
+        def test_on_the_gpu(): pass
+        def test_on_the_cpu(): pass
+        def test_slow(): time.sleep(120)
+    """))
+    monkeypatch.setattr(gpu_check, "TESTS", str(tests))
+    monkeypatch.setattr(gpu_check, "STEP_MIN_S", 1)
+    r = gpu_check.stage_tests(argparse.Namespace(work=tmp_path / "work"), gpu_check.Budget(15))
+    assert r["parts"]["gpu"]["passed"] == 1 and "error" not in r["parts"]["gpu"]
+    assert r["passed"] == ["test_parts::test_on_the_cpu", "test_parts::test_on_the_gpu"]  # the rest's, stopped late
+    assert r["error"].startswith("the rest: ran past its ") and r["error"].endswith("the tests it finished are recorded")
+    assert r["summary"].startswith("GPU tests: 1 passed, 2 deselected")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without a GPU")
@@ -214,13 +291,19 @@ def canned(out: Path) -> None:
         {"loader": "dali", "batch_size": 256, "samples_per_s": 24000.0, "images_per_s": 96000.0, "hw_decoder_load": None,
          "gpu_peak_gb": 1.2, "gpu_other_gb": 3.4},
         {"loader": "torch", "batch_size": 256, "samples_per_s": 6000.0, "images_per_s": 24000.0, "hw_decoder_load": None},
-        {"loader": "dali", "batch_size": 256, "sweep": True, "hw_decoder_load": 0.5, "error": "exit 1: out | of\nmemory"}]}
+        {"loader": "dali", "batch_size": 256, "sweep": True, "hw_decoder_load": 0.5, "error": "exit 1: out | of\nmemory"},
+        {"loader": "dali", "batch_size": 256, "sweep": True, "hw_decoder_load": 0.0, "samples_per_s": 20000.0,
+         "images_per_s": 80000.0}]}
     train = {"runs": [
         {"res": 64, "loader": "synthetic", "compile": False, "batch_size": 1024, "samples_per_s": 30000.0, "gpu_peak_gb": 20.0},
         {"res": 64, "loader": "dali", "compile": False, "batch_size": 1024, "samples_per_s": 24000.0, "gpu_peak_gb": 21.0},
         {"res": 224, "loader": "synthetic", "compile": False, "batch_size": 128, "samples_per_s": 3000.0, "gpu_peak_gb": 30.0},
         {"res": 224, "loader": "dali", "compile": False, "batch_size": 128, "samples_per_s": 2950.0, "gpu_peak_gb": 31.5,
-         "gpu_other_gb": 2.0}]}
+         "gpu_other_gb": 2.0},
+        {"res": 224, "loader": "synthetic", "compile": True, "compile_mode": "reduce-overhead", "batch_size": 128,
+         "samples_per_s": 3600.0},
+        {"res": 224, "loader": "dali", "compile": True, "compile_mode": "reduce-overhead", "batch_size": 128,
+         "samples_per_s": 3240.0}]}
     for name, result in (("loader", loader), ("train", train)):
         (out / f"stage_{name}.json").write_text(json.dumps({"stage": name, "facts": facts, "result": result}))
 
@@ -233,16 +316,104 @@ def test_gpu_check_report_from_canned_stages(gpu_check, tmp_path, capsys):
     assert s["dali_224_samples_per_s"] == 24000.0 and s["dali_224_goal_met"]
     assert s["verdicts"]["64"] == {"dali_over_synthetic": 0.8, "bottleneck": "loader"}
     assert s["verdicts"]["224"]["bottleneck"].startswith("model") and not s["dali_never_the_bottleneck"]
-    assert s["train_224_samples_per_s"] == {"synthetic": 3000.0, "dali": 2950.0} and s["train_224_goal_met"]
-    assert s["epoch_400k_s"] == round(400000 / 2950, 1) and s["epoch_goal_met"] and s["train_peak_gb"] == 31.5
+    assert s["verdicts"]["224 compile reduce-overhead"] == {"dali_over_synthetic": 0.9, "bottleneck": "loader"}
+    assert s["train_224_samples_per_s"] == {"synthetic": 3600.0, "dali": 3240.0} and s["train_224_goal_met"]
+    assert s["epoch_400k_s"] == round(400000 / 3240, 1) and s["epoch_goal_met"] and s["train_peak_gb"] == 31.5
     md = (tmp_path / "gpu_check.md").read_text()
     assert "NVIDIA H100 80GB HBM3; 16 CPUs; torch 2.11.0+cu130" in md
     assert "| dali | 256 | default | 24,000 | 96,000 | 4.00 | 1.20 | 3.40 |" in md
     assert "| dali | 256 | 0.5 | failed: exit 1: out / of memory |" in md  # one row, the table intact
     assert "| 64 | 1024 | no | dali | 24,000 | 0.80 | loader | 21.0 | – |" in md
     assert "| DALI loader at 224 px | ≥ 20,000 samples/s | 24,000 | met |" in md
-    assert "| a 224 px epoch of 400k samples | < 3 min | 2.3 min | met |" in md
+    assert "| a 224 px epoch of 400k samples | < 3 min | 2.1 min | met |" in md
+    assert "| 224 | 128 | CUDA graphs (reduce-overhead) | dali | 3,240 | 0.90 | loader | – | – |" in md
     assert "report of 2 stage(s)" in capsys.readouterr().out
+
+
+def test_gpu_check_shows_a_hw_decoder_load_of_zero_as_zero(gpu_check, tmp_path):
+    canned(tmp_path)
+    gpu_check.main([str(tmp_path), "--report"])
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| dali | 256 | 0.0 | 20,000 | 80,000 | 3.33 |" in md and md.count("| dali | 256 | default |") == 1
+
+
+def test_gpu_check_measures_cuda_graphs_at_224_only(gpu_check):
+    runs = gpu_check.train_runs([64, 224])
+    assert [(r["res"], gpu_check.variant(r)) for r in runs[::2]] == [
+        (64, "eager"), (64, "compile"), (224, "eager"), (224, "compile"), (224, "compile reduce-overhead")]
+    assert [r["loader"] for r in runs[:2]] == ["synthetic", "dali"]
+
+
+def test_gpu_check_times_train_steps_inside_one_epoch(gpu_check, small_shards, tmp_path, monkeypatch):
+    assert gpu_check.timed_steps(37) == (36, 9)  # 64 px: the split's 37 batches of 1024, not 40 steps
+    assert gpu_check.timed_steps(1000) == (40, 10)
+    seen = {}
+
+    def train_rate(loader, out, shards, res, batch, steps, log_every, device, train_args, timeout):
+        seen.update(steps=steps, log_every=log_every, train_args=train_args)
+        return {"samples_per_s": 1.0}
+
+    what = {"res": 64, "loader": "dali", "compile": True, "compile_mode": "reduce-overhead"}
+    r = gpu_check._train(train_rate, what, tmp_path, small_shards, 4, gpu_check.Budget(100))
+    epoch = gpu_check.epoch_batches(small_shards, 4)  # 36 training samples: 9 batches of 4
+    assert epoch == 9 and r["steps"] == seen["steps"] == 8 < epoch and seen["log_every"] == 2
+    assert seen["train_args"] == ["--compile", "--compile-mode", "reduce-overhead"]
+
+
+def test_gpu_check_predict_stage_runs_issue_12s_comparison_and_reports_it(gpu_check, tmp_path, monkeypatch):
+    ran = []
+    bench = {"device": "cuda", "pairs": 768, "res": 224, "size": [640, 480], "rounds": 3,
+             "pairs_per_s": {"torch bf16 b1": 200.0, "torch bf16 b256": 500.0, "io only b256": 520.0},
+             "runners": {"torch bf16 b1": "torch on cuda, bf16 autocast", "torch bf16 b256": "torch on cuda, bf16 autocast",
+                         "io only b256": "io only"},
+             "skipped": {"onnx": "this onnxruntime has no CUDAExecutionProvider (it has CPUExecutionProvider)"}}
+    monkeypatch.setattr(gpu_check, "run_cmd", lambda cmd, budget: ran.append(cmd) or "progress\n" + json.dumps(bench))
+    assert gpu_check.stage_predict(None, gpu_check.Budget(100)) == bench
+    assert "scripts/bench_predict.py" in " ".join(ran[0]) and ran[0][ran[0].index("--device") + 1] == "cuda"
+    assert ran[0][ran[0].index("--batch-sizes") + 1] == "1,256" and ran[0][ran[0].index("--res") + 1] == "224"
+    (tmp_path / "stage_predict.json").write_text(json.dumps({"stage": "predict", "facts": {}, "result": bench}))
+    gpu_check.main([str(tmp_path), "--report"])
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| torch bf16 b256 | torch on cuda, bf16 autocast | 500.0 | 2.50 |" in md
+    assert "| onnx | skipped: this onnxruntime has no CUDAExecutionProvider (it has CPUExecutionProvider) | | |" in md
+    assert "Skipped:" not in md  # the stage ran; only a configuration was left out
+
+
+@pytest.fixture
+def bench_predict():
+    return load_script("bench_predict")
+
+
+def test_bench_predict_on_cuda_runs_torch_in_bf16_and_onnx_only_with_its_cuda_provider(bench_predict):
+    args = bench_predict.parse_args(["--device", "cuda", "--batch-sizes", "1,256"])
+    onnx = {"float32": Path("m.onnx"), "fp16": Path("m16.onnx")}
+    why = bench_predict.no_cuda_provider(["AzureExecutionProvider", "CPUExecutionProvider"])
+    runs, skipped = bench_predict.configs(args, Path("c.pt"), onnx, why)
+    assert list(runs) == ["torch bf16 b1", "torch bf16 b256", "io only b256", "io only b256 no side"]
+    assert "no CUDAExecutionProvider" in skipped["onnx"] and bench_predict.no_cuda_provider(["CUDAExecutionProvider"]) is None
+    runs, skipped = bench_predict.configs(args, Path("c.pt"), onnx, None)
+    assert list(runs)[:5] == ["torch bf16 b1", "onnx b1", "torch bf16 b256", "onnx b256", "onnx fp16 b256"] and not skipped
+    assert runs["onnx b256"] == ({"checkpoint_path": None, "onnx_path": "m.onnx"}, 256)
+    cpu, _ = bench_predict.configs(bench_predict.parse_args([]), Path("c.pt"), onnx)
+    assert list(cpu) == ["torch b1", "onnx b1", "torch b32", "onnx b32", "onnx fp16 b32", "io only b32", "io only b32 no side"]
+    with pytest.raises(SystemExit):
+        bench_predict.parse_args(["--device", "tpu"])
+
+
+def test_bench_predict_bf16_runner_autocasts_the_torch_model_only(bench_predict, tmp_path):
+    from train import checkpoint, predict
+    from train.model import build_model
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "c.pt"
+    checkpoint.save(ckpt, {"model": "reference", "model_args": {}, "res": 32, "state_dict": build_model("reference").state_dict(),
+                           "step": 0, "epoch": 0})
+    run, res = bench_predict.bf16(predict.runner)(str(ckpt), None, "cpu", 0)
+    assert res == 32 and run.name == "torch on cpu, bf16 autocast"
+    x = torch.rand(2, 3, 32, 32).numpy()
+    got, want = run(x, x), run.run(x, x)
+    assert all(g.dtype == w.dtype == "float32" and g.shape == w.shape == (2, 1, 32, 32) for g, w in zip(got, want))
+    assert all(abs(g - w).max() < 0.05 for g, w in zip(got, want)) and any((g != w).any() for g, w in zip(got, want))
 
 
 # --- on a GPU machine ----------------------------------------------------------------------------
@@ -264,12 +435,32 @@ def test_gpu_dali_decoder_hints_and_memory_report(small_shards):
     assert r["samples_per_s"] > 0 and r["gpu_peak_gb"] >= 0 and r["gpu_other_gb"] > 0
 
 
+def assert_each_rank_said(stderr: str, ranks: int, sentence: str) -> None:
+    """Every rank said `sentence`, but for those torchrun stopped itself once one had failed
+    ("Sending process N closing signal"): one still importing then says nothing. At least one
+    rank always speaks, and none with a traceback from the project's code."""
+    said = [rank for rank in range(ranks) if f"error (rank {rank}): {sentence}" in stderr]
+    assert said and len(said) + stderr.count(" closing signal ") >= ranks, stderr
+    assert not re.search(r'File "[^"]*/(train|pipeline)/', stderr), stderr  # torchrun's own ChildFailedError one is fine
+
+
+def test_each_rank_said_allows_only_the_ranks_torchrun_stopped_to_be_silent():
+    said = "2 ranks on this machine but 1 GPU(s)"
+    assert_each_rank_said(f"error (rank 1): {said}\nerror (rank 0): {said}\n", 2, said)
+    assert_each_rank_said(f"error (rank 1): {said}\nW1 api.py:1029] Sending process 7 closing signal SIGTERM\n", 2, said)
+    for bad in (f"error (rank 1): {said}\n", f'error (rank 0): {said}\nerror (rank 1): {said}\n  File "{ROOT}/train/dist.py"'):
+        with pytest.raises(AssertionError):
+            assert_each_rank_said(bad, 2, said)
+
+
 @cuda
 def test_gpu_more_ranks_than_gpus_stops_at_once_with_one_sentence_per_rank(exact_shards, tmp_path):
     n = torch.cuda.device_count() + 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(ROOT / "train" / "main.py"),
-           "--shards", str(exact_shards), "--out", str(tmp_path / "o"), "--res", "32", "--batch-size", "4"]
+    # torchrun looks at its workers every --monitor-interval (0.1 s by default) and stops the
+    # others once one has failed; 20 s lets every rank import and say its sentence first.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--monitor-interval", "20", "--nproc_per_node", str(n),
+           str(ROOT / "train" / "main.py"), "--shards", str(exact_shards), "--out", str(tmp_path / "o"), "--res", "32",
+           "--batch-size", "4"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    for rank in range(n):
-        assert f"error (rank {rank}): {n} ranks on this machine but {n - 1} GPU(s)" in r.stderr
+    assert_each_rank_said(r.stderr, n, f"{n} ranks on this machine but {n - 1} GPU(s)")

@@ -417,7 +417,7 @@ def prepare(run: Run) -> None:
 def same_start(run: Run) -> None:
     """Every rank must continue from the same step: a rank whose --out holds no last.pt (a node
     without the shared file system) would start at 0 and fall out of step with the others."""
-    if run.ctx.world_size == 1:
+    if run.ctx.world_size == 1 or not run.s.resume:  # a new run starts at 0 on every rank
         return
     step = torch.tensor([run.step, -run.step], dtype=torch.float64, device=run.ctx.device)
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
