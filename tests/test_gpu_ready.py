@@ -464,3 +464,17 @@ def test_gpu_more_ranks_than_gpus_stops_at_once_with_one_sentence_per_rank(exact
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert_each_rank_said(r.stderr, n, f"{n} ranks on this machine but {n - 1} GPU(s)")
+
+
+def test_valid_is_made_on_the_batchs_own_device():
+    """`valid` is built where the batch is (here the meta device, standing in for a GPU): a mask
+    made on the host and copied per batch would be a stream synchronization on a GPU."""
+    from pipeline.epoch import Plan, to_contract
+
+    images = torch.empty(4, 3, 8, 8, device="meta")
+    for train in (True, False):
+        plan = Plan(tars=["a.tar"], indexes=["a.idx"], counts=[7], samples=7, rank=0, world_size=1, batch_size=4, train=train)
+        batch = to_contract(images, images, torch.empty(4, 2, 8, 8, device="meta"), plan, 1)
+        assert batch["valid"].device.type == "meta" and batch["valid"].shape == (4,)
+    cpu = to_contract(*(torch.zeros(4, c, 8, 8) for c in (3, 3, 2)), plan, 1)
+    assert cpu["valid"].tolist() == [True, True, True, False]  # 7 samples: the last batch's 4th is padding
