@@ -75,6 +75,39 @@ def test_an_error_after_setup_is_said_by_the_rank_that_has_it(monkeypatch, capsy
     assert err.startswith("error (rank 1): ") and "does not exist" in err
 
 
+def test_a_store_failing_during_training_is_one_sentence(monkeypatch, capsys, tmp_path):
+    """An object store that fails once training has started (here as the loader is built) is the
+    store's one sentence, like every other bad input, not a traceback."""
+    from pipeline.store import StoreError
+
+    def failing(*_, **__):
+        raise StoreError("http://127.0.0.1:9 refused access to s3://bkt/x/train-000000.tar (403).")
+
+    monkeypatch.setattr("train.main.build_loader", failing)
+    threads = torch.get_num_threads()
+    try:
+        assert train_main(["--shards", "s3://bkt/x", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert err == "error: http://127.0.0.1:9 refused access to s3://bkt/x/train-000000.tar (403).\n"
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """--compile-mode reduce-overhead (CUDA graphs) is what torch.compile is given; a mode it does
+    not know is refused by the parser."""
+    from train.main import Run, settings_from
+
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
+    run = Run(settings_from(["--res", "32", "--batch-size", "2", "--device", "cpu", "--compile",
+                             "--compile-mode", "reduce-overhead"]), dist.DistContext(0, 0, 1, torch.device("cpu")))
+    run.wrap()
+    assert seen == {"mode": "reduce-overhead"}
+    with pytest.raises(SystemExit):
+        settings_from(["--compile-mode", "fast"])
+
+
 def test_loss_constants_are_made_once_per_device(monkeypatch):
     pred, target = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     reference = head_loss(pred, target, LossWeights(w_edge=0))  # pytorch-msssim's own window
