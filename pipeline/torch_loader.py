@@ -1,10 +1,13 @@
 """The torch loader: webdataset + torch DataLoader, the same contract and epoch rules as the DALI
 loader (see pipeline.loaders), for machines without DALI (AMD, Apple, CPU-only boxes).
 
-Workers decode JPEGs with simplejpeg (libjpeg-turbo) at the smallest DCT scale (n/8) that still
-covers `res`, so a 64 px epoch from 224 px JPEGs skips most of the decoding; then OpenCV's
-antialiased resize; other formats (PNG) go through OpenCV. Augmentation is the field's
-libraries, with the `Augment` settings mapped onto their parameters:
+webdataset's pipeline shards, shuffles and batches; the tars' members are read at the offsets of
+their DALI indexes (IndexedSamples), not parsed header by header. Workers decode JPEGs with
+simplejpeg (libjpeg-turbo) at the smallest DCT scale (n/8) that still covers `res`, so a 64 px
+epoch from 224 px JPEGs skips most of the decoding, then resize the rest of the way (bilinear
+below 2×, area above); other formats (PNG) go through OpenCV; a bg, shared by many samples, is
+decoded once per worker. Augmentation is the field's libraries, with the `Augment` settings
+mapped onto their parameters:
 - CPU: albumentations, one sample at a time in the workers (OpenCV's SIMD kernels). The four
   images are targets of one geometric transform, so flips and rotation are drawn once per sample
   and labels rotate with nearest neighbour; colour, noise and dropout are a second transform,
@@ -16,6 +19,7 @@ Measurements behind these choices are in BENCHMARKS.md ("Torch loader on librari
 
 from __future__ import annotations
 
+import functools
 import random
 
 import albumentations as A
@@ -25,10 +29,11 @@ import simplejpeg
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, default_collate, get_worker_info
+from webdataset.gopen import gopen
 
 from pipeline.augment import Augment
 from pipeline.epoch import Plan, to_contract
-from pipeline.manifest import ROLES, LoaderError
+from pipeline.manifest import ROLES, LoaderError, parse_index
 from pipeline.store import StoreError
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's
@@ -49,8 +54,17 @@ def decode_image(data: bytes, gray: bool, res: int) -> np.ndarray:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR_RGB)
         if img is None:
             raise ValueError("not a decodable image")
-    if img.shape[:2] != (res, res):  # INTER_AREA: the antialiased one for shrinking
-        img = cv2.resize(img, (res, res), interpolation=cv2.INTER_AREA)
+    if img.shape[:2] != (res, res):  # bilinear is antialiased enough below 2× (within 0.03 grey levels of area)
+        img = cv2.resize(img, (res, res), interpolation=cv2.INTER_LINEAR if min(img.shape[:2]) < 2 * res else cv2.INTER_AREA)
+    return img
+
+
+@functools.lru_cache(maxsize=256)
+def decode_bg(data: bytes, res: int) -> np.ndarray:
+    """A bg recurs under thousands of samples (100 backgrounds in the reference's 400k): each is
+    decoded once per worker. Read-only, so that no augmentation can change the kept copy."""
+    img = decode_image(data, False, res)
+    img.flags.writeable = False
     return img
 
 
@@ -60,7 +74,7 @@ def decode_sample(sample: dict, res: int) -> dict[str, np.ndarray]:
     for role in ROLES:
         data = sample.get(f"{role}.jpg", sample.get(f"{role}.png"))
         try:
-            out[role] = decode_image(data, role in ("mask", "depth"), res)
+            out[role] = decode_bg(data, res) if role == "bg" else decode_image(data, role in ("mask", "depth"), res)
         except Exception as e:  # the decoders raise several types; None data (missing member) too
             shards = sample.get("__url__", "?").rsplit("/", 1)[0]
             raise LoaderError(f"could not decode {role} of sample {sample.get('__key__')} in {sample.get('__url__')} "
@@ -94,6 +108,26 @@ class _GaussNoise(A.GaussNoise):
         return cv2.add(img, noise, dtype=cv2.CV_8U)  # rounds and saturates, without float copies of img
 
 
+class _Rotate(A.Rotate):
+    """A.Rotate with its matrix from one cv2.getRotationMatrix2D and each target warped by a bare
+    cv2.warpAffine. The stock op builds two 3×3 matrices per sample and, for each of the four
+    targets, tests its matrix against the identity with np.allclose: at 64 px that Python costs
+    about 3× the warps themselves. Same draw (angle ~ U(limit)), centre and fill (0) as the stock op."""
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        h, w = params["shape"][:2]
+        return {"matrix": cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), self.py_random.uniform(*self.limit), 1.0)}
+
+    def apply(self, img: np.ndarray, matrix: np.ndarray, **params) -> np.ndarray:
+        return self._warp(img, matrix, self.interpolation)
+
+    def apply_to_mask(self, mask: np.ndarray, matrix: np.ndarray, **params) -> np.ndarray:
+        return self._warp(mask, matrix, self.mask_interpolation)
+
+    def _warp(self, img: np.ndarray, matrix: np.ndarray, interpolation: int) -> np.ndarray:
+        return cv2.warpAffine(img, matrix, img.shape[1::-1], flags=interpolation, borderMode=self.border_mode, borderValue=0)
+
+
 def cpu_transforms(aug: Augment) -> tuple[A.Compose, A.Compose]:
     """(geometry for all four images, photometric for bg and fg_bg), `aug` in albumentations' terms:
     angles in degrees; RGB shift and noise σ as fractions of 255 (albumentations reads limits
@@ -104,8 +138,8 @@ def cpu_transforms(aug: Augment) -> tuple[A.Compose, A.Compose]:
     geometry = A.Compose([
         A.HorizontalFlip(p=aug.hflip_p),
         A.VerticalFlip(p=aug.vflip_p),
-        A.Rotate(limit=aug.rotate_deg, interpolation=interp, mask_interpolation=cv2.INTER_NEAREST,
-                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=aug.rotate_p),
+        _Rotate(limit=aug.rotate_deg, interpolation=interp, mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=aug.rotate_p),
     ], additional_targets={"fg_bg": "image", "depth": "mask"})
     shift = (-aug.rgb_shift, aug.rgb_shift)
     photometric = A.Compose([
@@ -158,7 +192,10 @@ class SampleStage:
 
 
 def _worker_init(_):
-    cv2.setNumThreads(1)  # one process per core already; OpenCV's own pool would oversubscribe
+    """One process per core already: OpenCV's own thread pool would oversubscribe. 0 (run
+    sequentially), not 1: resizing an inherited pool to 1 thread waits forever in a forked worker
+    whose parent had used OpenCV's threads (a condition variable with waiters the fork did not copy)."""
+    cv2.setNumThreads(0)
 
 
 # --- GPU: kornia.augmentation on whole batches on the device --------------------------------------
@@ -245,47 +282,85 @@ def augment_on_device(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _in_part(plan: Plan):
-    """Keep the samples of this rank's part [start, end) of the split, counted in shard order."""
-    starts = dict(zip(plan.tars, np.cumsum([0] + list(plan.counts[:-1])).tolist()))
-    lo, hi = plan.part
+class IndexedSamples:
+    """A webdataset stage: shard URLs ({"url": ...}) → the samples of this rank's part in them,
+    as webdataset's sample dicts. Each member is read at the offset the shard's DALI index gives,
+    one read each, where webdataset's own tar reading parses every header with Python's tarfile
+    (0.15–0.23 ms a sample: at 64 px a sixth of the loader's work; BENCHMARKS.md). The header in
+    front of each member must carry the index's name for it, so an index that does not belong to
+    its tar stops with one sentence instead of mixing members of different samples."""
 
-    def select(src):
-        url, pos = None, 0
-        for sample in src:
-            if sample["__url__"] != url:
-                url, pos = sample["__url__"], 0
-            if lo <= starts[url] + pos < hi:
+    def __init__(self, plan: Plan):
+        self.indexes = dict(zip(plan.tars, plan.indexes))
+        self.starts = dict(zip(plan.tars, np.cumsum([0] + list(plan.counts[:-1])).tolist()))
+        self.part = plan.part
+
+    def __call__(self, src):
+        for item in src:
+            yield from self.shard(item["url"])
+
+    def shard(self, url: str):
+        """The shard's samples in [start, end) of the rank's part, in shard order."""
+        index, (lo, hi) = self._index(url), (p - self.starts[url] for p in self.part)
+        stream, pos = self._open(url), 0
+        try:
+            for members in index[max(lo, 0):max(hi, 0)]:
+                sample = {"__key__": members[0][0].split(".", 1)[0], "__url__": url}
+                for name, offset, size in members:
+                    sample[name.split(".", 1)[1]] = self._member(stream, url, name, offset - pos, size)
+                    pos = offset + size
                 yield sample
-            pos += 1
+        except OSError as e:  # a failing disk; a store's failures are StoreErrors naming the object already
+            raise LoaderError(f"could not read {url} ({e.strerror or e}); run `depthcli verify {_folder(url)}`.") from None
+        finally:
+            stream.close()
 
-    return select
+    def _member(self, stream, url: str, name: str, gap: int, size: int) -> bytes:
+        """The member `name`, after `gap` bytes whose last 512 are its tar header."""
+        header = _skip(stream, gap)
+        data = stream.read(size)
+        if len(data) != size:
+            raise LoaderError(f"could not read {url} (it ends inside {name}); run `depthcli verify {_folder(url)}`.")
+        want = name.encode()
+        if len(want) <= 100 and header[-512:-412].rstrip(b"\0") != want:  # a longer name has a header of its own first
+            raise LoaderError(f"{self.indexes[url]} does not agree with {url}; run `depthcli verify {_folder(url)}`.")
+        return data
+
+    def _open(self, url: str):
+        try:
+            return gopen(url)  # a file, or through pipeline.store for s3://
+        except OSError as e:
+            raise LoaderError(f"could not read {url} ({e.strerror or e}); run `depthcli verify {_folder(url)}`.") from None
+
+    def _index(self, url: str) -> list[list[tuple[str, int, int]]]:
+        idx = self.indexes[url]
+        stream = self._open(idx)
+        try:
+            return parse_index(idx, stream.read().decode())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LoaderError(f"could not read {idx} ({e}); run `depthcli verify {_folder(url)}`.") from None
+        finally:
+            stream.close()
 
 
-class _ShardErrors:
-    """webdataset's error handler, in the workers: a shard that cannot be opened or read raises one
-    sentence naming it. webdataset appends its stream and url to the args of an error that passes
-    its tar reading (and " @ stream" to the message); the main process gets the worker's
-    traceback as text and keeps its last line (TorchLoader.__iter__)."""
+def _skip(stream, n: int) -> bytes:
+    """Read n bytes and drop them, in bounded pieces; the last (up to) 512 bytes are returned."""
+    last = b""
+    while n > 0:
+        piece = stream.read(min(n, 1 << 20))
+        if not piece:
+            break
+        last, n = (last + piece)[-512:], n - len(piece)
+    return last
 
-    def __init__(self, tars: list[str]):
-        self.tars = tars
 
-    def __call__(self, exn: Exception) -> bool:
-        text = str(exn.args[0]).split(" @ ", 1)[0] if exn.args else ""
-        if isinstance(exn, (LoaderError, StoreError)):  # ours, a sentence naming the shard already
-            raise type(exn)(text) from None
-        url = next((u for u in (exn.args[-1:] + (getattr(exn, "filename", None),)) if u in self.tars), None)
-        if url is None:  # raised inside webdataset's tar reading: its next level knows the shard
-            raise exn
-        why = exn.strerror if isinstance(exn, OSError) and exn.strerror else text or type(exn).__name__
-        shards = url.rsplit("/", 1)[0]
-        raise LoaderError(f"could not read {url} ({why}); run `depthcli verify {shards}`.") from None
+def _folder(url: str) -> str:
+    return url.rsplit("/", 1)[0]
 
 
 class TorchLoader:
-    """The batch contract over webdataset + DataLoader. Shard paths go to webdataset as they are
-    (local paths or URLs it can open)."""
+    """The batch contract over webdataset + DataLoader. Tars and indexes are opened with
+    webdataset's gopen: local paths, or s3:// through pipeline.store."""
 
     def __init__(self, plan: Plan, res: int, aug: Augment, device: str, seed: int, workers: int):
         self.plan, self.res, self.aug, self.device = plan, res, aug, torch.device(device)
@@ -313,16 +388,17 @@ class TorchLoader:
         rank_seed = (self.seed * 1000 + self.plan.rank) * 1000 + self.epoch
         tars = self._part_tars()
         stage = SampleStage(None if self.on_device else self.aug, self.res, rank_seed, floats=not self.on_device)
-        ds = (wds.WebDataset(tars, shardshuffle=len(tars), nodesplitter=None, seed=rank_seed, empty_check=False,
-                             handler=_ShardErrors(tars))
-              .compose(_in_part(self.plan)).shuffle(SHUFFLE_BUFFER, seed=rank_seed).map(stage)
-              .batched(self.plan.batch_size, collation_fn=default_collate, partial=False).repeat())  # stacks into shared memory
+        ds = wds.DataPipeline(  # what wds.WebDataset does, with IndexedSamples reading the tars
+            wds.SimpleShardList(tars), wds.split_by_worker, wds.shuffle(len(tars), seed=rank_seed), IndexedSamples(self.plan),
+            wds.shuffle(SHUFFLE_BUFFER, seed=rank_seed), wds.map(stage),
+            wds.batched(self.plan.batch_size, collation_fn=default_collate, partial=False),  # stacks into shared memory
+        ).repeat()
         return self._loader(ds, tars)
 
     def _val_loader(self):
         tars = self._part_tars()
-        ds = (wds.WebDataset(tars, shardshuffle=False, nodesplitter=None, empty_check=False, handler=_ShardErrors(tars))
-              .compose(_in_part(self.plan)).map(SampleStage(None, self.res, 0, floats=not self.on_device)))
+        ds = wds.DataPipeline(wds.SimpleShardList(tars), wds.split_by_worker, IndexedSamples(self.plan),
+                              wds.map(SampleStage(None, self.res, 0, floats=not self.on_device)))
         return self._loader(ds, tars)
 
     def __iter__(self):

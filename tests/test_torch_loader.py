@@ -4,6 +4,10 @@ watched for reads from the device (each would be a host-device synchronization o
 
 import io
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pipeline.torch_loader as tl
 import test_loaders as common  # a module import, so pytest does not collect its tests twice
 from pipeline.augment import Augment
+from pipeline.epoch import plan
+from pipeline.loaders import build_loader
+from pipeline.manifest import LoaderError
 
 
 def jpeg(size: int, gray: bool = False) -> bytes:
@@ -120,3 +127,101 @@ def test_device_path_never_reads_the_device(aug):
         y = augment(x)
     assert y.shape == x.shape
     assert mode.seen == []
+
+
+def _public(sample: dict) -> dict:
+    return {k: v for k, v in sample.items() if not k.startswith("__") or k in ("__key__", "__url__")}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_indexed_reading_gives_webdatasets_samples(exact_shards, rank):
+    """Members read at the index's offsets: the samples webdataset's own tar reading gives, key
+    and bytes, and of those only the rank's part."""
+    import webdataset as wds
+
+    p = plan(exact_shards, "val", 4, rank, 2, train=False)
+    ours = [s for tar in p.tars for s in tl.IndexedSamples(p).shard(tar)]
+    theirs = [_public(s) for s in wds.WebDataset(p.tars, shardshuffle=False, empty_check=False)]
+    lo, hi = p.part
+    assert len(ours) == hi - lo and ours == theirs[lo:hi]
+
+
+def _copy(exact_shards, tmp_path) -> Path:
+    shards = tmp_path / "s"
+    shutil.copytree(exact_shards, shards)
+    return shards
+
+
+def test_an_index_of_another_tar_is_one_sentence(exact_shards, tmp_path):
+    shards = _copy(exact_shards, tmp_path)
+    (shards / "val-000000.idx").write_text((shards / "val-000001.idx").read_text())
+    with pytest.raises(LoaderError) as e:
+        list(build_loader(shards, split="val", loader="torch", res=32, batch_size=4, workers=1))
+    assert str(e.value) == f"{shards}/val-000000.idx does not agree with {shards}/val-000000.tar; run `depthcli verify {shards}`."
+
+
+def test_a_missing_index_or_a_tar_cut_short_is_one_sentence(exact_shards, tmp_path):
+    """Both after the loader was made (its checks of sizes passed)."""
+    shards = _copy(exact_shards, tmp_path)
+    loader = build_loader(shards, split="val", loader="torch", res=32, batch_size=4, workers=1)
+    p = plan(shards, "val", 4, 0, 1, train=False)
+    (shards / "val-000001.idx").unlink()
+    with pytest.raises(LoaderError) as e:
+        list(loader)
+    assert str(e.value) == f"could not read {shards}/val-000001.idx (No such file or directory); run `depthcli verify {shards}`."
+    tar = shards / "val-000002.tar"
+    tar.write_bytes(tar.read_bytes()[:tar.stat().st_size // 2])
+    with pytest.raises(LoaderError, match=rf"could not read {tar} \(it ends inside \S+\); run `depthcli verify {shards}`\.$"):
+        list(tl.IndexedSamples(p).shard(str(tar)))
+
+
+def test_kept_bg_decodes_survive_augmentation(exact_shards):
+    """A bg is decoded once per worker and kept, read-only: an op writing into it would raise, and
+    after augmenting every sample the kept copies are still what a fresh decode gives."""
+    tl.decode_bg.cache_clear()
+    p = plan(exact_shards, "train", 4, 0, 1, train=True)
+    samples = [s for tar in p.tars for s in tl.IndexedSamples(p).shard(tar)]
+    for aug in (Augment(), Augment().only("color", "noise", "dropout")):
+        stage = tl.SampleStage(aug, 32, 0, floats=True)
+        for s in samples * 3:
+            stage(s)
+    assert tl.decode_bg.cache_info().currsize == 4  # the set's four backgrounds
+    for s in samples:
+        assert np.array_equal(tl.decode_bg(s["bg.png"], 32), tl.decode_image(s["bg.png"], False, 32))
+
+
+def test_workers_start_after_the_parent_used_opencvs_threads(exact_shards):
+    """A process that ran OpenCV's thread pool (a notebook, a test run) then makes a torch loader:
+    the forked workers must not wait forever on the pool's inherited state. In a child process,
+    so a hang fails this test instead of stopping the suite."""
+    script = f"""
+import time, cv2, numpy as np
+from pipeline.loaders import build_loader
+cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))  # large enough to use the pool
+time.sleep(1)  # its threads wait on their condition variable
+print(len(list(build_loader({str(exact_shards)!r}, split="val", loader="torch", res=32, batch_size=4, workers=1))))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0 and done.stdout.split() == ["7"], done.stderr
+
+
+def test_indexed_reading_of_long_and_non_ascii_names(tmp_path):
+    """A name over 100 bytes gets a GNU long-name header of its own: still read, as webdataset reads it."""
+    import webdataset as wds
+
+    from pipeline.epoch import Plan
+    from pipeline.manifest import IDX_VERSION, index_line
+    from pipeline.shard import _TarWriter
+
+    keys = ["short", "é" * 60, "x" * 120]
+    tar, idx = tmp_path / "t.tar", tmp_path / "t.idx"
+    with tar.open("wb") as f:
+        w = _TarWriter(f)
+        lines = [index_line([w.add(f"{k}.{ext}", f"{k}:{ext}".encode() * 3) for ext in ("bg.jpg", "json")]) for k in keys]
+        w.close()
+    idx.write_text(f"{IDX_VERSION} {len(keys)}\n" + "".join(line + "\n" for line in lines))
+    p = Plan([str(tar)], [str(idx)], [len(keys)], len(keys), 0, 1, 1, False)
+    ours = list(tl.IndexedSamples(p).shard(str(tar)))
+    assert [s["__key__"] for s in ours] == keys
+    assert ours == [_public(s) for s in wds.WebDataset([str(tar)], shardshuffle=False, empty_check=False)]
