@@ -5,6 +5,7 @@ two loaders; see its docstring for the epoch rules.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ class Plan:
         """[start, end) of this rank's samples in shard order: DALI's own split, floor(N·r/w)."""
         n, r, w = self.samples, self.rank, self.world_size
         return n * r // w, n * (r + 1) // w
+
+    @property
+    def starts(self) -> list[int]:
+        """Where each shard's samples begin in shard order, one per shard."""
+        return list(itertools.accumulate(self.counts[:-1], initial=0))
 
     @property
     def largest_part(self) -> int:

@@ -292,7 +292,7 @@ class IndexedSamples:
 
     def __init__(self, plan: Plan):
         self.indexes = dict(zip(plan.tars, plan.indexes))
-        self.starts = dict(zip(plan.tars, np.cumsum([0] + list(plan.counts[:-1])).tolist()))
+        self.starts = dict(zip(plan.tars, plan.starts))
         self.part = plan.part
 
     def __call__(self, src):
@@ -374,8 +374,7 @@ class TorchLoader:
     def _part_tars(self) -> list[str]:
         """The shards that hold some of this rank's part."""
         lo, hi = self.plan.part
-        starts = np.cumsum([0] + list(self.plan.counts))
-        return [t for t, a, b in zip(self.plan.tars, starts[:-1], starts[1:]) if a < hi and b > lo]
+        return [t for t, a, n in zip(self.plan.tars, self.plan.starts, self.plan.counts) if a < hi and a + n > lo]
 
     def _loader(self, ds, tars: list[str]) -> DataLoader:
         workers = min(self.workers, len(tars))

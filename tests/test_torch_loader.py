@@ -160,8 +160,8 @@ def test_an_index_of_another_tar_is_one_sentence(exact_shards, tmp_path):
     assert str(e.value) == f"{shards}/val-000000.idx does not agree with {shards}/val-000000.tar; run `depthcli verify {shards}`."
 
 
-def test_a_missing_index_or_a_tar_cut_short_is_one_sentence(exact_shards, tmp_path):
-    """Both after the loader was made (its checks of sizes passed)."""
+def test_a_missing_damaged_index_or_a_tar_cut_short_is_one_sentence(exact_shards, tmp_path):
+    """Each after the loader was made (its checks of sizes passed)."""
     shards = _copy(exact_shards, tmp_path)
     loader = build_loader(shards, split="val", loader="torch", res=32, batch_size=4, workers=1)
     p = plan(shards, "val", 4, 0, 1, train=False)
@@ -169,6 +169,11 @@ def test_a_missing_index_or_a_tar_cut_short_is_one_sentence(exact_shards, tmp_pa
     with pytest.raises(LoaderError) as e:
         list(loader)
     assert str(e.value) == f"could not read {shards}/val-000001.idx (No such file or directory); run `depthcli verify {shards}`."
+    idx = shards / "val-000000.idx"
+    idx.write_text(idx.read_text().replace("v1.2", "v1.1"))
+    with pytest.raises(LoaderError) as e:
+        list(tl.IndexedSamples(p).shard(str(shards / "val-000000.tar")))
+    assert str(e.value) == f"could not read {idx} (val-000000.idx is not a v1.2 index of 8 samples); run `depthcli verify {shards}`."
     tar = shards / "val-000002.tar"
     tar.write_bytes(tar.read_bytes()[:tar.stat().st_size // 2])
     with pytest.raises(LoaderError, match=rf"could not read {tar} \(it ends inside \S+\); run `depthcli verify {shards}`\.$"):
