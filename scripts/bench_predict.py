@@ -3,15 +3,15 @@
     .venv/bin/python scripts/bench_predict.py --pairs 32 --res 224 --rounds 2 --threads 1
     python scripts/bench_predict.py --device cuda --batch-sizes 1,256 --pairs 768 --threads 0
 
-Makes --pairs synthetic pairs (--size JPEGs, like downscaled photos), a checkpoint of random
-weights (speed does not depend on the weights) and its ONNX export (float32, and --fp16), then
+Makes --pairs synthetic pairs (--size JPEGs, like downscaled photos), a checkpoint of the
+default model (--model) with random weights (speed does not depend on the weights) and its ONNX export (float32, and --fp16), then
 runs train.predict.predict, the code behind `depthcli predict`, on every configuration: torch
 and onnx at each of --batch-sizes (default 1 and 32), the fp16 file at the largest, and "io only"
 (the same reads, resizes and writes with a model that returns zeros: the ceiling that reading
 and writing alone allow; and so without the side-by-side picture, --no-side).
---device cuda runs PyTorch under bf16 autocast, as training does on a GPU (predict itself runs
-float32: its runner is wrapped here), and onnxruntime with its CUDA provider; without that
-provider (the plain onnxruntime wheel, or one whose CUDA libraries do not load) the onnx
+PyTorch runs as `depthcli predict` runs it, in the device's precision (train.precision: bf16
+autocast on a GPU and on a CPU with AMX); --device cuda runs onnxruntime with its CUDA
+provider; without that provider (the plain onnxruntime wheel, or one whose CUDA libraries do not load) the onnx
 configurations are left out and the report says why.
 Configurations are interleaved round by round, so load from other processes on a shared machine
 falls on all of them alike; the report gives the median pairs/s over rounds and each one's ratio
@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train import checkpoint, predict  # noqa: E402
 from train.export import OnnxRunner, export  # noqa: E402
-from train.model import build_model  # noqa: E402
+from train.model import MODELS, build_model  # noqa: E402
+from train.settings import TrainSettings  # noqa: E402
 
 
 def make_pairs(root: Path, n: int, size: tuple[int, int]) -> tuple[Path, Path]:
@@ -70,26 +71,6 @@ class ZeroRunner:
         return zeros, zeros
 
 
-class Autocast:
-    """A PyTorch runner under bf16 autocast on its device; its outputs stay float32 (TorchRunner
-    casts them back)."""
-
-    def __init__(self, run):
-        self.run, self.name = run, f"{run.name}, bf16 autocast"
-
-    def __call__(self, bg: np.ndarray, fg_bg: np.ndarray):
-        with torch.autocast(torch.device(self.run.device).type, dtype=torch.bfloat16):
-            return self.run(bg, fg_bg)
-
-
-def bf16(make_runner):
-    """predict.runner, with its PyTorch runner (not onnxruntime's) under bf16 autocast."""
-    def runner(*args, **kwargs):
-        run, res = make_runner(*args, **kwargs)
-        return (Autocast(run) if isinstance(run, predict.TorchRunner) else run), res
-    return runner
-
-
 def no_cuda_provider(providers: list[str]) -> str | None:
     """Why onnxruntime cannot run on the GPU here (the plain wheel), or None."""
     if "CUDAExecutionProvider" in providers:
@@ -108,7 +89,7 @@ def cuda_provider_fell_back(path: Path) -> str | None:
 def configs(args, ckpt: Path, onnx: dict[str, Path], onnx_left_out: str | None = None) -> tuple[dict, dict]:
     """{name: (predict's model arguments, batch size)} in the order they run, and {name: why}
     for what is left out. onnx: the exported files, {"float32": .., "fp16": ..}."""
-    torch_name = "torch bf16" if args.device == "cuda" else "torch"
+    torch_name = "torch"
     skipped = {"onnx": onnx_left_out} if onnx_left_out else {}
     with_onnx = not onnx_left_out
     big = max(args.batch_sizes)
@@ -128,12 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=64, help="pairs per configuration and round (default: 64)")
     p.add_argument("--res", type=int, default=224, help="model resolution (default: 224)")
+    p.add_argument("--model", default=TrainSettings.model, choices=tuple(MODELS), help="the network (default: the trainer's, %(default)s)")
     p.add_argument("--size", type=int, nargs=2, default=(640, 480), help="input image width and height (default: 640 480)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over all configurations (default: 3)")
     p.add_argument("--threads", type=int, default=1, help="model CPU threads; 0 = the library's default (default: 1)")
     p.add_argument("--workers", type=int, default=2, help="predict's read/write threads (default: 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where the model runs: cuda = PyTorch in bf16, onnxruntime's CUDA provider (default: cpu)")
+                   help="where the model runs: cuda = PyTorch on the GPU, onnxruntime's CUDA provider (default: cpu)")
     p.add_argument("--batch-sizes", default="1,32", help="batch sizes, comma-separated (default: 1,32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
@@ -155,8 +137,8 @@ def main() -> None:
     bgs, scenes = make_pairs(root, args.pairs, tuple(args.size))
     torch.manual_seed(0)
     ckpt = root / "random.pt"
-    checkpoint.save(ckpt, {"model": "reference", "model_args": {}, "res": args.res,
-                           "state_dict": build_model("reference").state_dict(), "step": 0, "epoch": 0})
+    checkpoint.save(ckpt, {"model": args.model, "model_args": {}, "res": args.res,
+                           "state_dict": build_model(args.model).state_dict(), "step": 0, "epoch": 0})
     onnx = {"float32": root / "model.onnx", "fp16": root / "model_fp16.onnx"}
     why = no_cuda_provider(onnxruntime.get_available_providers()) if args.device == "cuda" else None
     if not why:
@@ -166,12 +148,11 @@ def main() -> None:
     runs, skipped = configs(args, ckpt, onnx, why)
 
     real_runner = predict.runner
-    model_runner = bf16(real_runner) if args.device == "cuda" else real_runner
     rates: dict[str, list[float]] = {name: [] for name in runs}
     runners: dict[str, str] = {}  # what ran: onnxruntime names the provider it got
     for r in range(args.rounds):
         for name, (model_args, batch) in runs.items():
-            predict.runner = (lambda *a: (ZeroRunner(args.res), args.res)) if name.startswith("io") else model_runner
+            predict.runner = (lambda *a: (ZeroRunner(args.res), args.res)) if name.startswith("io") else real_runner
             out = predict.predict(bg=str(bgs), fg_bg=str(scenes), out=str(root / "out"), device=args.device,
                                   batch_size=batch, workers=args.workers, threads=args.threads, **model_args)
             rates[name].append(out["pairs"] / out["seconds"])

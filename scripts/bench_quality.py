@@ -1,21 +1,29 @@
-"""Model quality at fixed budgets of samples seen, against non-learned baselines.
+"""Model quality at fixed budgets of samples seen, against non-learned baselines, on the val
+split and on a held-out set of scenes and objects the training set never shows.
 
     python scripts/bench_quality.py --work /work/bench/quality --budgets 4k,16k,32k \\
-        --variant reference --variant fast
+        --variant fast --variant "today@/work/base="
 
-A seeded procedural dataset (make-dataset → shard, made once in --work) is trained on at 64 px
-by train/main.py (torchrun when --ranks > 1) for each variant and each budget of samples seen
-(whole epochs, at least the budget: an epoch is ~4.3k samples at 2 ranks × 16), each budget a run of its
-own so its schedule spans it. Every run is scored on the val split, and so are the baselines:
-mask = max_c |fg_bg − bg| > t with t chosen on the train split, depth = the train split's mean
-depth map. Prints one table (markdown), writes results.json and curves.png (validation metric
-against samples seen, one line per variant: solid = the end of each budget's run, dotted = the
-longest run's validation after each epoch) into --work.
+Two seeded procedural datasets are made once in --work (make-dataset → shard): the training
+set (--dataset 40k: 100 backgrounds × 100 objects, 38,000 train and 2,000 val samples, so 32k
+samples seen is under one epoch and nothing repeats; --dataset 4k6: the 4,608-sample set of
+issue 8) and the held-out set (25 other backgrounds × 25 other objects, another seed: 1,250
+samples). Each variant is trained at 64 px by train/main.py (torchrun when --ranks > 1) once per
+budget of samples seen, each budget a run of its own so its schedule spans it (--epochs is the
+budget over the epoch, a fraction where it falls inside one). Every run is scored at its end on
+the val split (its own log) and on the held-out set (`depthcli evaluate`), and so are the
+baselines: mask = max_c |fg_bg − bg| > t with t chosen on the train split, depth = the train
+split's mean depth map. Prints one table (markdown), writes results.json and curves.png
+(metrics against samples seen and against minutes of training, a line per variant through the
+end of each budget's run) into --work.
 
 A variant is a name from VARIANTS, or NAME=FLAGS for any train/main.py flags, e.g.
---variant "fast-lr2e-3=--lr 2e-3". Quality at a number of samples seen does not depend on the
-machine's speed, so budgets compare recipes on a busy machine; wall time is what it was.
-The picture needs matplotlib (`pip install -e '.[bench]'`).
+--variant "fast-lr2e-3=--lr 2e-3"; NAME@CHECKOUT=FLAGS runs another checkout's train/main.py
+(e.g. the commit before a change, `git worktree add /work/base REV`), whole epochs only
+(at least the budget) when that trainer takes no fractional --epochs. Quality at a number of
+samples seen does not depend on the machine's speed, so budgets compare recipes on a busy
+machine; minutes are what they were (quote them from a quiet machine). The picture needs
+matplotlib (`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
@@ -63,28 +71,43 @@ VARIANTS = {
     "fast-b128-sqrt": "--batch-size 128",
     "fast-b128-linear": "--batch-size 128 --lr-scaling linear",
 }
-DATASET = {"num_bg": 24, "num_fg": 24, "placements": 4, "seed": 0}  # 4,608 samples, 5 % val
+DATASETS = {"40k": {"num_bg": 100, "num_fg": 100, "placements": 2, "seed": 0},  # 38,000 train, 2,000 val
+            "4k6": {"num_bg": 24, "num_fg": 24, "placements": 4, "seed": 0}}  # issue 8's: 4,378 train, 230 val
+HOLDOUT = {"num_bg": 25, "num_fg": 25, "placements": 1, "seed": 1}  # other scenes, other objects: 1,250 samples
 
 
 def parse_budget(text: str) -> int:
     return int(float(text[:-1]) * 1000) if text.lower().endswith("k") else int(text)
 
 
-def dataset(work: Path) -> Path:
+def dataset(work: Path, name: str, settings: dict, val_fraction: float = 0.05) -> Path:
     """make-dataset → shard, once; the shards are reused while their manifest is there."""
     from pipeline.make_dataset import MakeSettings, make_dataset
     from pipeline.shard import ShardSettings, shard
 
-    shards = work / "shards"
+    shards = work / name / "shards"
     if not (shards / "manifest.json").is_file():
-        make_dataset(MakeSettings(out=str(work / "data"), overwrite=True, workers=os.cpu_count() or 1, **DATASET))
-        shard(ShardSettings(src=(str(work / "data"),), out=str(shards), shard_size=500, overwrite=True,
-                            workers=os.cpu_count() or 1), log=lambda *_: None)
+        make_dataset(MakeSettings(out=str(work / name / "data"), overwrite=True, workers=os.cpu_count() or 1, **settings))
+        shard(ShardSettings(src=(str(work / name / "data"),), out=str(shards), shard_size=1000, overwrite=True,
+                            val_fraction=val_fraction, workers=os.cpu_count() or 1), log=lambda *_: None)
     return shards
 
 
-def baselines(shards: Path, device: str, res: int, loader: str) -> dict:
-    """Scored through the runs' own loader: the two decode and resize a little differently."""
+def holdout(out: Path, shards: Path, checkpoint: Path, res: int, loader: str) -> dict:
+    """The run's last checkpoint on the held-out set (all of it is its "train" split)."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards),
+           "--split", "train", "--res", str(res), "--loader", loader, "--device", "cpu", "--json"]
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"evaluate on the held-out set failed:\n{done.stderr[-2000:]}")
+    metrics = json.loads(done.stdout.strip().splitlines()[-1])
+    (out / "holdout.json").write_text(json.dumps(metrics))
+    return {k.replace("/", "_", 1): v for k, v in metrics.items()}
+
+
+def baselines(shards: Path, device: str, res: int, loader: str):
+    """Fitted on the train split, scored on val, through the runs' own loader (the two loaders
+    decode and resize a little differently): (the fitted baselines, their val figures)."""
     from pipeline.loaders import build_loader
     from train import baselines as bl
 
@@ -92,19 +115,34 @@ def baselines(shards: Path, device: str, res: int, loader: str) -> dict:
     t0 = time.time()
     b = bl.fit(build_loader(shards, split="train", **common))
     m = bl.score(b, build_loader(shards, split="val", **common))
-    return {**m, "threshold": b.threshold, "train_iou": b.train_iou, "wall_s": time.time() - t0}
+    return b, {**m, "threshold": b.threshold, "train_iou": b.train_iou, "wall_s": time.time() - t0}
 
 
-def run_one(name: str, flags: str, budget: int, a, shards: Path) -> dict:
-    """One training run of `budget` samples seen (rounded to whole epochs); its val records."""
+def score_holdout(fitted, held_out: Path, res: int, loader: str) -> dict:
+    """The same fitted baselines on the held-out set (its "train" split is all of it)."""
+    from pipeline.loaders import build_loader
+    from train import baselines as bl
+
+    return bl.score(fitted, build_loader(held_out, split="train", res=res, batch_size=64, loader=loader, device="cpu",
+                                         train=False, workers=1))
+
+
+def run_one(name: str, flags: str, budget: int, a, shards: Path, held_out: Path) -> dict:
+    """One training run of `budget` samples seen; its val records and its held-out figures."""
     from pipeline.epoch import plan
 
-    per_epoch = plan(shards, "train", a.batch_size, 0, a.ranks, True).batches * a.batch_size * a.ranks
-    epochs = max(1, math.ceil(budget / per_epoch))  # at least the budget
-    out = Path(a.work) / "runs" / f"{name}-{a.res}px-{budget}"
+    name, _, checkout = name.partition("@")
+    words = shlex.split(flags)
+    batch = int(words[words.index("--batch-size") + 1]) if "--batch-size" in words else a.batch_size
+    per_epoch = plan(shards, "train", batch, 0, a.ranks, True).batches * batch * a.ranks
+    # The trainer's --epochs: the budget exactly (a fraction of the last epoch), or for another
+    # checkout's trainer, which may take whole epochs only, at least the budget.
+    epochs = f"{budget / per_epoch:.6g}" if not checkout else str(max(1, math.ceil(budget / per_epoch)))
+    out = Path(a.work) / "runs" / f"{a.dataset}-{name}-{a.res}px-{budget}"
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks)] if a.ranks > 1
                 else [sys.executable])
-    cmd = [*launcher, str(ROOT / "train" / "main.py"), "--shards", str(shards), "--out", str(out), "--res", str(a.res),
+    trainer = Path(checkout or ROOT) / "train" / "main.py"
+    cmd = [*launcher, str(trainer), "--shards", str(shards), "--out", str(out), "--res", str(a.res),
            "--batch-size", str(a.batch_size), "--epochs", str(epochs), "--device", a.device, "--loader", a.loader,
            "--seed", str(a.seed), "--vis-samples", "0", "--log-every", "20", *a.train_args.split(), *shlex.split(flags)]
     if a.workers:
@@ -118,27 +156,34 @@ def run_one(name: str, flags: str, budget: int, a, shards: Path) -> dict:
             raise SystemExit(f"{name} at {budget} failed:\n{proc.stdout[-3000:]}")
         (out / "done.json").write_text(json.dumps({"wall_s": time.time() - t0, "command": shlex.join(cmd)}))
     done = json.loads((out / "done.json").read_text())
+    held = (json.loads((out / "holdout.json").read_text()) if (out / "holdout.json").is_file() else None)
+    held = ({k.replace("/", "_", 1): v for k, v in held.items()} if held else
+            holdout(out, held_out, out / "last.pt", a.res, a.loader))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    global_batch = json.loads((out / "settings.json").read_text())["batch_size"] * a.ranks  # a variant may set its own
+    batch = json.loads((out / "settings.json").read_text())["batch_size"]  # a variant may set its own
+    global_batch = (batch[0] if isinstance(batch, list) else batch) * a.ranks
     curve = [{**r, "seen": r["step"] * global_batch} for r in log if r["kind"] == "val"]
-    print(f"{name:>16} {budget:>7,}: mask IoU {curve[-1]['mask_iou']:.4f}, depth rms {curve[-1]['depth_rms']:.4f} "
-          f"({done['wall_s']:.0f} s)", flush=True)
-    return {"variant": name, "flags": flags, "budget": budget, "epochs": epochs, "final": curve[-1], "curve": curve, **done}
+    print(f"{name:>16} {budget:>7,}: mask IoU {curve[-1]['mask_iou']:.4f}, depth rms {curve[-1]['depth_rms']:.4f}; "
+          f"held out {held['mask_iou']:.4f}, {held['depth_rms']:.4f} ({done['wall_s']:.0f} s)", flush=True)
+    return {"variant": name, "flags": flags, "budget": budget, "epochs": epochs, "final": curve[-1], "holdout": held,
+            "curve": curve, **done}
 
 
-COLUMNS = (("mask_iou", "mask IoU"), ("mask_rms", "mask rms"), ("mask_t1", "mask t<1.25"),
-           ("depth_rms", "depth rms"), ("depth_t1", "depth t<1.25"), ("depth_abs_rel", "depth abs-rel"))
+COLUMNS = (("mask_iou", "mask IoU"), ("mask_rms", "mask rms"), ("depth_rms", "depth rms"),
+           ("depth_t1", "depth t<1.25"), ("depth_abs_rel", "depth abs-rel"))
+HELD = (("mask_iou", "held-out mask IoU"), ("depth_rms", "held-out depth rms"), ("depth_t1", "held-out depth t<1.25"))
 
 
-def table(results: list[dict], base: dict) -> str:
-    head = "| variant | samples seen | " + " | ".join(t for _, t in COLUMNS) + " | wall s |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+def table(results: list[dict], base: dict, held_base: dict) -> str:
+    head = "| variant | samples seen | " + " | ".join(t for _, t in COLUMNS + HELD) + " | wall s |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + len(HELD) + 3)]
     lines.append(f"| baselines (threshold {base['threshold']:.2f}, mean depth) | 0 | "
-                 + " | ".join(f"{base[k.replace('_', '/', 1)]:.4f}" for k, _ in COLUMNS) + f" | {base['wall_s']:.0f} |")
+                 + " | ".join(f"{base[k.replace('_', '/', 1)]:.4f}" for k, _ in COLUMNS)
+                 + " | " + " | ".join(f"{held_base[k.replace('_', '/', 1)]:.4f}" for k, _ in HELD) + f" | {base['wall_s']:.0f} |")
     for r in results:
-        f = r["final"]
+        f, h = r["final"], r["holdout"]
         lines.append(f"| {r['variant']} | {f['seen']:,} | " + " | ".join(f"{f[k]:.4f}" for k, _ in COLUMNS)
-                     + f" | {r['wall_s']:.0f} |")
+                     + " | " + " | ".join(f"{h[k]:.4f}" for k, _ in HELD) + f" | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -149,19 +194,22 @@ def plot(results: list[dict], base: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = (("mask_iou", "mask IoU"), ("depth_rms", "depth rms"), ("depth_t1", "depth t<1.25"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    xs = (("samples seen", lambda r: r["final"]["seen"]), ("minutes (whole run)", lambda r: r["wall_s"] / 60))
+    fig, axes = plt.subplots(len(xs), len(panels), figsize=(5 * len(panels), 4 * len(xs)), squeeze=False)
     names = list(dict.fromkeys(r["variant"] for r in results))
     for i, name in enumerate(names):
         runs = sorted((r for r in results if r["variant"] == name), key=lambda r: r["budget"])
-        color = f"C{i % 10}"
-        for ax, (key, title) in zip(axes, panels):
-            ax.plot([r["final"]["seen"] for r in runs], [r["final"][key] for r in runs], "o-", color=color, label=name)
-            ax.plot([c["seen"] for c in runs[-1]["curve"]], [c[key] for c in runs[-1]["curve"]], ":", color=color)
-    for ax, (key, title) in zip(axes, panels):
-        ax.axhline(base[key.replace("_", "/", 1)], color="k", ls="--", lw=1, label="baseline")
-        ax.set(title=title, xlabel="samples seen")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        for row, (xlabel, x) in zip(axes, xs):
+            for ax, (key, title) in zip(row, panels):
+                ax.plot([x(r) for r in runs], [r["final"][key] for r in runs], "o-", color=f"C{i % 10}", label=name)
+                ax.plot([x(r) for r in runs], [r["holdout"][key] for r in runs], "s:", color=f"C{i % 10}",
+                        label=f"{name}, held out")
+    for row, (xlabel, _) in zip(axes, xs):
+        for ax, (key, title) in zip(row, panels):
+            ax.axhline(base[key.replace("_", "/", 1)], color="k", ls="--", lw=1, label="baseline (val)")
+            ax.set(title=title, xlabel=xlabel, xscale="log")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -169,8 +217,10 @@ def plot(results: list[dict], base: dict, path: Path) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/depthseg-bench-quality", help="dataset, shards, runs, results (default: %(default)s)")
+    p.add_argument("--dataset", default="40k", choices=tuple(DATASETS), help="the training set (default: %(default)s)")
     p.add_argument("--budgets", default="4k,16k,32k", help="samples seen, comma-separated (default: %(default)s)")
-    p.add_argument("--variant", action="append", help=f"repeatable: {', '.join(VARIANTS)}, or NAME=FLAGS (default: reference, fast)")
+    p.add_argument("--variant", action="append", help=f"repeatable: {', '.join(VARIANTS)}, NAME=FLAGS or NAME@CHECKOUT=FLAGS "
+                                                      "(default: reference, fast)")
     p.add_argument("--res", type=int, default=64, help="training and validation resolution (default: %(default)s)")
     p.add_argument("--ranks", type=int, default=2, help="torchrun processes (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="per rank (default: %(default)s)")
@@ -186,19 +236,24 @@ def main():
     variants = [(v.split("=", 1)[0], v.split("=", 1)[1]) if "=" in v else (v, VARIANTS[v])
                 for v in (a.variant or ["reference", "fast"])]
     budgets = [parse_budget(b) for b in a.budgets.split(",")]
-    shards = dataset(work)
-    cached = work / f"baselines-{a.res}px-{a.loader}.json"  # the same shards, the same figures: fitted once
+    shards, held_out = dataset(work, a.dataset, DATASETS[a.dataset]), dataset(work, "holdout", HOLDOUT, val_fraction=0)
+    cached = work / f"baselines-{a.dataset}-{a.res}px-{a.loader}.json"  # the same shards, the same figures: fitted once
     if not cached.is_file():
-        cached.write_text(json.dumps(baselines(shards, "cpu", a.res, a.loader)))
-    base = json.loads(cached.read_text())
+        fitted, scores = baselines(shards, "cpu", a.res, a.loader)
+        cached.write_text(json.dumps({"val": scores, "holdout": score_holdout(fitted, held_out, a.res, a.loader)}))
+    cached_base = json.loads(cached.read_text())
+    base, held_base = cached_base["val"], cached_base["holdout"]
     print(f"baselines: threshold {base['threshold']:.2f} (train IoU {base['train_iou']:.4f}): val mask IoU "
-          f"{base['mask/iou']:.4f}; mean depth map: val depth rms {base['depth/rms']:.4f}", flush=True)
+          f"{base['mask/iou']:.4f}, held out {held_base['mask/iou']:.4f}; mean depth map: val depth rms "
+          f"{base['depth/rms']:.4f}, held out {held_base['depth/rms']:.4f}", flush=True)
     jobs = [(name, flags, b) for name, flags in variants for b in budgets]
     with ThreadPoolExecutor(a.jobs) as pool:
-        results = list(pool.map(lambda j: run_one(*j, a, shards), jobs))
-    (work / "results.json").write_text(json.dumps({"baselines": base, "runs": results, "args": vars(a)}, indent=1))
-    print(f"\n{a.ranks} rank(s) x batch {a.batch_size} on {a.device}, {a.res} px, dataset {DATASET}\n")
-    print(table(results, base))
+        results = list(pool.map(lambda j: run_one(*j, a, shards, held_out), jobs))
+    (work / "results.json").write_text(json.dumps({"baselines": base, "holdout_baselines": held_base, "runs": results,
+                                                   "args": vars(a)}, indent=1))
+    print(f"\n{a.ranks} rank(s) x batch {a.batch_size} on {a.device}, {a.res} px, dataset {a.dataset} "
+          f"{DATASETS[a.dataset]}, held out {HOLDOUT}\n")
+    print(table(results, base, held_base))
     best = max(results, key=lambda r: r["final"]["mask_iou"])
     print(f"\n{len(results)} runs; best mask IoU {best['final']['mask_iou']:.4f} ({best['variant']}, "
           f"{best['final']['seen']:,} samples) vs threshold baseline {base['mask/iou']:.4f}")

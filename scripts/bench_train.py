@@ -1,10 +1,15 @@
 """Training throughput per loader, the model alone (synthetic tensors) as the same-run baseline,
-so the loader's cost is visible.
+so the loader's cost is visible; and against another checkout's trainer, pair by pair.
 
     python scripts/bench_train.py --shards shards/ --res 64 --ranks 2 --batch-size 16 --steps 30
+    python scripts/bench_train.py --loaders synthetic --ranks 1 --res 64 --batch-size 32 \\
+        --baseline /work/base --rounds 3          # the defaults against the commit before (a worktree)
 
 Runs train/main.py under torchrun for each loader, one after the other, and reads samples/s
 (all ranks together) from its log.jsonl, leaving out the first logged interval (warm-up).
+With --baseline, each round runs the other checkout's train/main.py with the same flags just
+before this one's and prints the ratio of each pair (A B A B: a drifting machine load falls on
+both alike).
 """
 
 import argparse
@@ -19,12 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def train_rate(loader: str, out: Path, shards: str, res: int, batch_size: int, steps: int, log_every: int = 5,
-               ranks: int = 1, device: str = "cpu", train_args: list[str] = (), timeout: float | None = None) -> dict:
+               ranks: int = 1, device: str = "cpu", train_args: list[str] = (), timeout: float | None = None,
+               checkout: Path = ROOT) -> dict:
     """One train/main.py run under torchrun: samples/s of all ranks together after the first
     logged interval, and the last logged GPU memory figures. Raises RuntimeError with the end
     of the run's output if it fails."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), str(ROOT / "train" / "main.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), str(checkout / "train" / "main.py"),
            "--shards", shards, "--out", str(out), "--loader", loader, "--res", str(res), "--batch-size", str(batch_size),
            "--max-steps", str(steps), "--log-every", str(log_every), "--epochs", "1000", "--device", device,
            "--vis-samples", "0", *train_args]
@@ -41,8 +47,9 @@ def train_rate(loader: str, out: Path, shards: str, res: int, batch_size: int, s
     return {"samples_per_s": round(sum(rates) / len(rates), 1), **memory}
 
 
-def run(loader: str, a, out: Path) -> float:
-    r = train_rate(loader, out, a.shards, a.res, a.batch_size, a.steps, a.log_every, a.ranks, a.device, a.train_args.split())
+def run(loader: str, a, out: Path, checkout: Path = ROOT) -> float:
+    r = train_rate(loader, out, a.shards, a.res, a.batch_size, a.steps, a.log_every, a.ranks, a.device, a.train_args.split(),
+                   checkout=checkout)
     if "gpu_peak_gb" in r:
         print(f"{loader}: peak GPU memory {r['gpu_peak_gb']:.1f} GB (torch), {r['gpu_other_gb']:.1f} GB beside it (DALI, CUDA)")
     return r["samples_per_s"]
@@ -60,12 +67,22 @@ def main():
     p.add_argument("--loaders", default="synthetic,dali,torch")
     p.add_argument("--work", default="/tmp/depthseg-bench-train")
     p.add_argument("--train-args", default="", help="more train/main.py flags, e.g. '--compile'")
+    p.add_argument("--baseline", type=Path, help="another checkout whose train/main.py runs before this one's, round by round")
+    p.add_argument("--rounds", type=int, default=1, help="rounds of every run (default: 1)")
     a = p.parse_args()
-    results = {name: run(name, a, Path(a.work) / name) for name in a.loaders.split(",")}
-    base = results.get("synthetic")
-    print(f"res {a.res}, {a.ranks} rank(s) x batch {a.batch_size} on {a.device}, {a.steps} steps")
-    for name, rate in results.items():
-        print(f"{name:10s} {rate:8.1f} samples/s" + (f"  {rate / base:5.2f}x the model alone" if base else ""))
+    print(f"res {a.res}, {a.ranks} rank(s) x batch {a.batch_size} on {a.device}, {a.steps} steps, flags '{a.train_args}'")
+    for r in range(a.rounds):
+        results = {}
+        for name in a.loaders.split(","):
+            if a.baseline:
+                results[f"{name} (baseline)"] = run(name, a, Path(a.work) / f"{name}-baseline", a.baseline)
+            results[name] = run(name, a, Path(a.work) / name)
+        base = results.get("synthetic")
+        for name, rate in results.items():
+            vs = f"  {rate / base:5.2f}x the model alone" if base and "baseline" not in name else ""
+            if a.baseline and "baseline" not in name:
+                vs += f"  {rate / results[name + ' (baseline)']:6.2f}x the baseline's"
+            print(f"round {r + 1}: {name:20s} {rate:8.1f} samples/s{vs}", flush=True)
 
 
 if __name__ == "__main__":

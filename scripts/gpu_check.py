@@ -275,11 +275,11 @@ def stage_loader(a, budget: Budget) -> dict:
 
 def stage_train(a, budget: Budget) -> dict:
     from bench_train import train_rate
-    from train.main import TrainSettings
+    from train.settings import default_batch
 
     shards, results = dataset(a.work, budget), []
     for what in train_runs(a.res):
-        batch = TrainSettings(res=what["res"], device=DEVICE).batch()
+        batch = default_batch(what["res"], gpu=True)
         out = a.work / "runs" / f"{what['loader']}-{what['res']}-{variant(what).replace(' ', '-')}"
         step(results, budget, what, lambda: _train(train_rate, what, out, shards, batch, budget))
     return {"runs": results}

@@ -38,7 +38,7 @@ import re, sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 extras = project["optional-dependencies"]
 name = lambda req: re.split(r"[<>=!~ \[;]", req, maxsplit=1)[0].lower()
-for req in project["dependencies"] + extras[sys.argv[2]] + [r for r in extras["dev"] if name(r) == "pytest"]:
+for req in project["dependencies"] + extras[sys.argv[2]] + [r for r in extras["dev"] if name(r) in ("pytest", "pytorch-msssim")]:
     if name(req) != "torch":
         print(req)
 EOF

@@ -5,9 +5,7 @@ import math
 
 import pytest
 import torch
-from pytorch_msssim import ssim
-
-from train.losses import LossWeights, edge_loss, head_loss, sobel, total_loss
+from train.losses import LossWeights, edge_loss, head_loss, sobel, ssim, total_loss
 
 
 def step_image(size: int = 12, at: int = 6) -> torch.Tensor:
@@ -73,13 +71,34 @@ def test_weights_weight_each_term():
     g = torch.Generator().manual_seed(4)
     pred, target = torch.rand(2, 1, 64, 64, generator=g), torch.rand(2, 1, 64, 64, generator=g)
     l1 = (pred - target).abs().mean()
-    s = 1 - ssim(pred, target, data_range=1.0, size_average=True)
+    s = 1 - ssim(pred, target)
     e = edge_loss(pred, target)
     assert torch.equal(head_loss(pred, target, LossWeights(0.0, 1.0, 0.0)), l1)
     assert head_loss(pred, target, LossWeights(1.0, 0.0, 0.0)).item() == pytest.approx(s.item(), abs=1e-6)
     assert head_loss(pred, target, LossWeights(0.0, 0.0, 1.0)).item() == pytest.approx(e.item(), abs=1e-6)
     mixed = head_loss(pred, target, LossWeights(0.3, 2.0, 0.7)).item()
     assert mixed == pytest.approx((0.3 * s + 2.0 * l1 + 0.7 * e).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 64, 64), (3, 1, 11, 30), (1, 1, 224, 224)])
+def test_ssim_is_pytorch_msssims_value_and_gradient(shape):
+    """The five blurred maps made in one pair of matmuls give pytorch-msssim's SSIM (window 11,
+    σ 1.5, valid padding) and its gradient."""
+    reference = pytest.importorskip("pytorch_msssim").ssim
+    g = torch.Generator().manual_seed(8)
+    target = torch.rand(shape, generator=g)
+    ours, theirs = (torch.rand(shape, generator=g) * 0.5 + target * 0.5).requires_grad_(), None
+    theirs = ours.detach().clone().requires_grad_()
+    a, b = ssim(ours, target), reference(theirs, target, data_range=1.0, size_average=True)
+    a.backward()
+    b.backward()
+    assert a.item() == pytest.approx(b.item(), abs=1e-6)
+    assert torch.allclose(ours.grad, theirs.grad, atol=1e-8, rtol=1e-4)
+
+
+def test_ssim_needs_the_window_to_fit():
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(torch.rand(1, 1, 10, 40), torch.rand(1, 1, 10, 40))
 
 
 def test_total_is_mask_plus_depth():

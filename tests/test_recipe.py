@@ -16,8 +16,9 @@ from conftest import coordinate_bg, encode
 from train import baselines
 from train.dist import DistContext
 from train.losses import LossWeights, dice_loss, head_loss, kl_bce
-from train.main import RECIPES, Run, TrainSettings, lr_factor, peak_lr, settings_from
 from train.main import main as train_main
+from train.run import Run, lr_factor, peak_lr
+from train.settings import RECIPES, TrainSettings, settings_from
 from train.model import build_model, init_output_bias
 
 CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -65,11 +66,16 @@ def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():
     assert (mixed.dropout, mixed.schedule, mixed.optimizer) == (0.0, "cosine", "adam")
 
 
+def first_stage(argv: list[str]) -> Run:
+    s = settings_from(argv)
+    return Run(s, s.stages()[0], CPU)
+
+
 def test_run_builds_what_the_settings_say():
-    ref = Run(settings_from(["--recipe", "reference", "--res", "32", "--batch-size", "8"]), CPU)
+    ref = first_stage(["--recipe", "reference", "--res", "32", "--batch-size", "8"])
     assert sum(p.numel() for p in ref.raw.parameters()) == 3_165_170  # the seed's network
     assert ref.scheduler.base_lrs == [1e-3]  # Adam at 1e-3 whatever the batch, as the seed
-    fast = Run(settings_from(["--res", "32", "--batch-size", "8", "--lr", "2e-3", "--lr-batch", "32"]), CPU)
+    fast = first_stage(["--res", "32", "--batch-size", "8", "--lr", "2e-3", "--lr-batch", "32"])
     assert type(ref.optimizer) is torch.optim.Adam and type(fast.optimizer) is torch.optim.AdamW
     assert fast.scheduler.base_lrs[0] == pytest.approx(1e-3)  # 2e-3 at 32, sqrt-scaled to a global batch of 8
     fast.start_schedule(steps_per_epoch=10)
@@ -234,7 +240,7 @@ def test_bce_gradient_is_finite_where_the_sigmoid_saturates():
 
 def test_quality_table_puts_the_baselines_beside_each_run():
     """scripts/bench_quality.py's table: a baselines row first (0 samples seen), then each run's
-    final validation, every metric column in the same order."""
+    final validation and held-out figures, every metric column in the same order."""
     import importlib.util
     from pathlib import Path
 
@@ -242,11 +248,14 @@ def test_quality_table_puts_the_baselines_beside_each_run():
     spec = importlib.util.spec_from_file_location("bench_quality", path)
     bq = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bq)
-    keys = [k for k, _ in bq.COLUMNS]
+    keys, held = [k for k, _ in bq.COLUMNS], [k for k, _ in bq.HELD]
     base = {"threshold": 0.12, "wall_s": 3.0, **{k.replace("_", "/", 1): 0.1 * (i + 1) for i, k in enumerate(keys)}}
-    run = {"variant": "fast", "wall_s": 99.4, "final": {"seen": 34816, **{k: 0.01 * (i + 1) for i, k in enumerate(keys)}}}
-    lines = bq.table([run], base).splitlines()
-    assert len(lines) == 4 and lines[0].count("|") == len(keys) + 4
-    assert lines[2] == "| baselines (threshold 0.12, mean depth) | 0 | 0.1000 | 0.2000 | 0.3000 | 0.4000 | 0.5000 | 0.6000 | 3 |"
-    assert lines[3] == "| fast | 34,816 | 0.0100 | 0.0200 | 0.0300 | 0.0400 | 0.0500 | 0.0600 | 99 |"
+    held_base = {k.replace("_", "/", 1): 0.7 + 0.1 * i for i, k in enumerate(held)}
+    run = {"variant": "fast", "wall_s": 99.4, "final": {"seen": 34816, **{k: 0.01 * (i + 1) for i, k in enumerate(keys)}},
+           "holdout": {k: 0.02 * (i + 1) for i, k in enumerate(held)}}
+    lines = bq.table([run], base, held_base).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == len(keys) + len(held) + 4
+    assert lines[2] == ("| baselines (threshold 0.12, mean depth) | 0 | 0.1000 | 0.2000 | 0.3000 | 0.4000 | 0.5000 | "
+                        "0.7000 | 0.8000 | 0.9000 | 3 |")
+    assert lines[3] == "| fast | 34,816 | 0.0100 | 0.0200 | 0.0300 | 0.0400 | 0.0500 | 0.0200 | 0.0400 | 0.0600 | 99 |"
     assert bq.parse_budget("4k") == 4000 and bq.parse_budget("32k") == 32000 and bq.parse_budget("500") == 500

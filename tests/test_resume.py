@@ -145,3 +145,43 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(exact_shards, tmp
     assert (ckpt["step"], ckpt["epoch"]) == (12, 3)  # the planned steps
     steps = [r["step"] for r in records(out, "train")]
     assert steps[-1] == 12 and sorted(set(steps)) == list(range(1, 13))
+
+
+def test_progressive_stages_keep_each_best_and_resume_inside_a_stage_exactly(exact_shards, tmp_path, capsys):
+    """--res 32,48 --epochs 1,2, batch 8: 4 steps an epoch; steps 1-4 at 32 px, then 5-12 at 48 px
+    from the first stage's best weights, each stage with its own schedule. Stopped inside the
+    first stage, resumed, stopped inside the second (mid-epoch) and resumed again, the run has
+    exactly the uninterrupted run's losses."""
+    args = ["--shards", str(exact_shards), "--res", "32,48", "--epochs", "1,2", "--batch-size", "8", "--workers", "1",
+            "--log-every", "1", "--no-augment", "--device", "cpu"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train_main(args + ["--out", str(whole)]) == 0
+    output = capsys.readouterr().out
+    assert "at 32px (stage 1 of 2)" in output and "at 48px (stage 2 of 2)" in output
+    assert f"initialised from {whole / 'best_32px.pt'}" in output
+    best32, best48, best, last = (torch.load(whole / n) for n in ("best_32px.pt", "best_48px.pt", "best.pt", "last.pt"))
+    assert (best32["res"], best32["stage"], best32["step"]) == (32, 0, 4)
+    assert (best48["res"], best48["stage"]) == (48, 1) and best48["step"] in (8, 12) and best["step"] == best48["step"]
+    assert (last["res"], last["stage"], last["step"], last["epoch"]) == (48, 1, 12, 2)
+    train = records(whole, "train")
+    assert [r["step"] for r in train] == list(range(1, 13)) and [r["res"] for r in train] == [32] * 4 + [48] * 8
+    # Each stage's cosine ends at 0 at its last step; the second starts again at its peak.
+    assert train[3]["lr"] == 0 < train[5]["lr"] < train[4]["lr"] == pytest.approx(max(r["lr"] for r in train[4:]))
+    assert [r["res"] for r in records(whole, "val")] == [32, 48, 48]
+    assert sorted(p.name for p in (whole / "vis").iterdir()) == ["32px_epoch_001.png", "48px_epoch_001.png", "48px_epoch_002.png"]
+    for stop in ("2", "7", "0"):
+        assert train_main(args + ["--out", str(cut), "--max-steps", stop] + (["--resume"] if stop != "2" else [])) == 0
+    assert [(r["from_step"], r["exact"]) for r in records(cut, "resume")] == [(2, True), (7, True)]
+    assert [r["step"] for r in records(cut, "train")] == list(range(1, 13))
+    assert [r["loss"] for r in records(cut, "train")] == [r["loss"] for r in train]
+    assert torch.equal(torch.load(cut / "best_32px.pt")["state_dict"]["mask_head.out.weight"],
+                       best32["state_dict"]["mask_head.out.weight"])
+
+
+def test_stages_that_do_not_fit_are_one_sentence(exact_shards, tmp_path, capsys):
+    base = ["--shards", str(exact_shards), "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert train_main(base + ["--res", "32,48", "--epochs", "1,2,3"]) == 1
+    assert capsys.readouterr().err == ("error: --epochs 1,2,3 gives 3 values for 2 stages of --res; "
+                                       "give one, or one per stage.\n")
+    assert train_main(base + ["--res", "32,32"]) == 1
+    assert capsys.readouterr().err == "error: --res 32,32 repeats a resolution; each stage needs its own.\n"

@@ -64,7 +64,7 @@ def test_torchrun_end_to_end(trained):
         assert row in output
     ckpt = torch.load(out / "last.pt")  # plain torch.load: weights only, no code
     assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"], ckpt["res"]) == (8, 2, 0, 32)
-    assert ckpt["settings"]["batch_size"] == 4 and ckpt["model"] == "diff" and ckpt["world_size"] == 2
+    assert ckpt["settings"]["batch_size"] == (4,) and ckpt["model"] == "unet" and ckpt["world_size"] == 2
     assert set(ckpt["metrics"]) >= {"loss", "mask/iou", "depth/rms", "avg/t1"} and ckpt["metrics"]["samples"] == 25
     assert len(ckpt["rng"]) == 2 and set(ckpt["rng"][1]) == {"cpu", "cuda"}
     assert "train/main.py" in ckpt["command"] and "--res 32" in ckpt["command"]
@@ -77,7 +77,7 @@ def test_torchrun_end_to_end(trained):
     assert list((out / "tb").glob("events.out.tfevents.*"))
     pic = Image.open(out / "vis" / "epoch_002.png")
     assert pic.size == (6 * 32, 28 + 4 * 32)  # title line, column names, 4 samples
-    assert json.loads((out / "settings.json").read_text())["res"] == 32
+    assert json.loads((out / "settings.json").read_text())["res"] == [32]
 
 
 def test_evaluate_prints_the_table(trained, exact_shards):
@@ -177,7 +177,7 @@ def test_sigkill_then_resume_from_the_last_periodic_checkpoint(exact_shards, tmp
                        "--device", "cpu"])
     assert code == 0
     resumed = torch.load(out / "last.pt")
-    assert (resumed["step"], resumed["res"], resumed["settings"]["batch_size"]) == (saved["step"] + 2, 32, 4)
+    assert (resumed["step"], resumed["res"], resumed["settings"]["batch_size"]) == (saved["step"] + 2, 32, (4,))
 
 
 def test_resume_refuses_to_change_what_the_run_is(trained, exact_shards, capsys):

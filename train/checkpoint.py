@@ -56,8 +56,16 @@ def load(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def load_model(ckpt: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The checkpoint's model with its weights, in eval mode."""
-    model = build_model(ckpt["model"], **ckpt.get("model_args", {}))
-    model.load_state_dict(ckpt["state_dict"])
+def load_model(ckpt: dict, device: torch.device | str = "cpu", name: str = "the checkpoint") -> torch.nn.Module:
+    """The checkpoint's model with its weights, in eval mode; one sentence naming `name` (its
+    path) if the model is unknown here or the weights are another model's."""
+    try:
+        model = build_model(ckpt["model"], **ckpt.get("model_args", {}))
+    except ValueError as e:
+        raise CheckpointError(f"{name}: {e}.") from None
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # torch's own words run to a page of key names
+        raise CheckpointError(f"{name}'s weights do not fit its {ckpt['model']!r} model ({str(e).splitlines()[0][:120]} "
+                              f"the checkpoint is from another version of the model).") from None
     return model.to(device).eval()

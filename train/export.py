@@ -93,12 +93,7 @@ class OnnxRunner:
 
 def _load_model(ckpt_path: str) -> tuple[dict, nn.Module]:
     ckpt = checkpoint.load(ckpt_path)
-    try:
-        return ckpt, checkpoint.load_model(ckpt)
-    except ValueError as e:  # build_model: an unknown model name
-        raise ExportError(f"{ckpt_path}: {e}.") from None
-    except RuntimeError as e:  # load_state_dict: weights of another shape
-        raise ExportError(f"{ckpt_path}'s weights do not fit its {ckpt['model']!r} model ({str(e).splitlines()[0][:120]}).") from None
+    return ckpt, checkpoint.load_model(ckpt, name=ckpt_path)
 
 
 def _dynamic_shapes(dynamic_hw: bool) -> dict:
