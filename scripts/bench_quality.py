@@ -17,6 +17,13 @@ split's mean depth map. Prints one table (markdown), writes results.json and cur
 (metrics against samples seen and against minutes of training, a line per variant through the
 end of each budget's run) into --work.
 
+--real-bg DIR adds a third set: real photos (any images) as backgrounds with the generator's
+objects pasted in (make-dataset --bg-dir: 2 placements of 25 objects on each photo, flipped and
+not); its masks are exact, its depth is make-dataset's ground-plane prior for photos without a
+depth map, so only its mask figures are reported. scikit-image's wheel carries a dozen
+public-domain photos (astronaut, chelsea, coffee, motorcycle_left/right, rocket, ...):
+`pip download --no-deps scikit-image` and unzip skimage/data/*.
+
 A variant is a name from VARIANTS, or NAME=FLAGS for any train/main.py flags, e.g.
 --variant "fast-lr2e-3=--lr 2e-3"; NAME@CHECKOUT=FLAGS runs another checkout's train/main.py
 (e.g. the commit before a change, `git worktree add /work/base REV`), whole epochs only
@@ -47,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {
     "reference": "--recipe reference",
     "fast": "",
-    "fast-diff": "--model diff",  # the same as fast since diff became the default model
+    "fast-diff": "--recipe diff",  # the defaults before the unet model
     "fast-reference-model": "--model reference",
     # one factor of the reference changed at a time
     "ref+cosine": "--recipe reference --schedule cosine --warmup 0.05",
@@ -74,6 +81,10 @@ VARIANTS = {
 DATASETS = {"40k": {"num_bg": 100, "num_fg": 100, "placements": 2, "seed": 0},  # 38,000 train, 2,000 val
             "4k6": {"num_bg": 24, "num_fg": 24, "placements": 4, "seed": 0}}  # issue 8's: 4,378 train, 230 val
 HOLDOUT = {"num_bg": 25, "num_fg": 25, "placements": 1, "seed": 1}  # other scenes, other objects: 1,250 samples
+REAL_BG = {"num_fg": 25, "placements": 2, "seed": 2}  # objects on each photo of --real-bg
+# The held-out sets' columns in the table: (set, metric key, title)
+HELD = (("holdout", "mask_iou", "held-out mask IoU"), ("holdout", "depth_rms", "held-out depth rms"),
+        ("holdout", "depth_t1", "held-out depth t<1.25"), ("realbg", "mask_iou", "real-bg mask IoU"))
 
 
 def parse_budget(text: str) -> int:
@@ -93,16 +104,18 @@ def dataset(work: Path, name: str, settings: dict, val_fraction: float = 0.05) -
     return shards
 
 
-def holdout(out: Path, shards: Path, checkpoint: Path, res: int, loader: str) -> dict:
-    """The run's last checkpoint on the held-out set (all of it is its "train" split)."""
-    cmd = [sys.executable, "-m", "pipeline.cli", "evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards),
-           "--split", "train", "--res", str(res), "--loader", loader, "--device", "cpu", "--json"]
-    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
-        raise SystemExit(f"evaluate on the held-out set failed:\n{done.stderr[-2000:]}")
-    metrics = json.loads(done.stdout.strip().splitlines()[-1])
-    (out / "holdout.json").write_text(json.dumps(metrics))
-    return {k.replace("/", "_", 1): v for k, v in metrics.items()}
+def held_out(out: Path, name: str, shards: Path, res: int, loader: str, checkout: Path) -> dict:
+    """The run's last checkpoint on a held-out set (all of it is its "train" split), scored by
+    the checkout that trained it, once: kept in the run folder as <name>.json."""
+    path = out / f"{name}.json"
+    if not path.is_file():
+        cmd = [sys.executable, "-m", "pipeline.cli", "evaluate", "--checkpoint", str(out / "last.pt"), "--shards",
+               str(shards), "--split", "train", "--res", str(res), "--loader", loader, "--device", "cpu", "--json"]
+        done = subprocess.run(cmd, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise SystemExit(f"evaluate on the {name} set failed:\n{done.stderr[-2000:]}")
+        path.write_text(done.stdout.strip().splitlines()[-1])
+    return {k.replace("/", "_", 1): v for k, v in json.loads(path.read_text()).items()}
 
 
 def baselines(shards: Path, device: str, res: int, loader: str):
@@ -127,7 +140,7 @@ def score_holdout(fitted, held_out: Path, res: int, loader: str) -> dict:
                                          train=False, workers=1))
 
 
-def run_one(name: str, flags: str, budget: int, a, shards: Path, held_out: Path) -> dict:
+def run_one(name: str, flags: str, budget: int, a, shards: Path, sets: dict[str, Path]) -> dict:
     """One training run of `budget` samples seen; its val records and its held-out figures."""
     from pipeline.epoch import plan
 
@@ -154,36 +167,37 @@ def run_one(name: str, flags: str, budget: int, a, shards: Path, held_out: Path)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode:
             raise SystemExit(f"{name} at {budget} failed:\n{proc.stdout[-3000:]}")
-        (out / "done.json").write_text(json.dumps({"wall_s": time.time() - t0, "command": shlex.join(cmd)}))
+        (out / "done.json").write_text(json.dumps({"wall_s": time.time() - t0, "started": t0, "command": shlex.join(cmd)}))
     done = json.loads((out / "done.json").read_text())
-    held = (json.loads((out / "holdout.json").read_text()) if (out / "holdout.json").is_file() else None)
-    held = ({k.replace("/", "_", 1): v for k, v in held.items()} if held else
-            holdout(out, held_out, out / "last.pt", a.res, a.loader))
+    trained_by = Path(shlex.split(done["command"])[shlex.split(done["command"]).index("--shards") - 1]).parent.parent
+    held = {set_name: held_out(out, set_name, path, a.res, a.loader, trained_by) for set_name, path in sets.items()}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     batch = json.loads((out / "settings.json").read_text())["batch_size"]  # a variant may set its own
     global_batch = (batch[0] if isinstance(batch, list) else batch) * a.ranks
     curve = [{**r, "seen": r["step"] * global_batch} for r in log if r["kind"] == "val"]
     print(f"{name:>16} {budget:>7,}: mask IoU {curve[-1]['mask_iou']:.4f}, depth rms {curve[-1]['depth_rms']:.4f}; "
-          f"held out {held['mask_iou']:.4f}, {held['depth_rms']:.4f} ({done['wall_s']:.0f} s)", flush=True)
-    return {"variant": name, "flags": flags, "budget": budget, "epochs": epochs, "final": curve[-1], "holdout": held,
+          f"held out {held['holdout']['mask_iou']:.4f}, {held['holdout']['depth_rms']:.4f} ({done['wall_s']:.0f} s)", flush=True)
+    return {"variant": name, "flags": flags, "budget": budget, "epochs": epochs, "final": curve[-1], "held": held,
             "curve": curve, **done}
 
 
 COLUMNS = (("mask_iou", "mask IoU"), ("mask_rms", "mask rms"), ("depth_rms", "depth rms"),
            ("depth_t1", "depth t<1.25"), ("depth_abs_rel", "depth abs-rel"))
-HELD = (("mask_iou", "held-out mask IoU"), ("depth_rms", "held-out depth rms"), ("depth_t1", "held-out depth t<1.25"))
 
 
 def table(results: list[dict], base: dict, held_base: dict) -> str:
-    head = "| variant | samples seen | " + " | ".join(t for _, t in COLUMNS + HELD) + " | wall s |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + len(HELD) + 3)]
+    """Markdown: the baselines, then every run; held-out columns only for the sets that were scored."""
+    held = [h for h in HELD if h[0] in held_base]
+    cell = lambda d, key: f"{d[key]:.4f}"  # noqa: E731
+    head = "| variant | samples seen | " + " | ".join(t for _, t in COLUMNS) + "".join(f" | {t}" for *_, t in held) + " | wall s |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + len(held) + 3)]
     lines.append(f"| baselines (threshold {base['threshold']:.2f}, mean depth) | 0 | "
-                 + " | ".join(f"{base[k.replace('_', '/', 1)]:.4f}" for k, _ in COLUMNS)
-                 + " | " + " | ".join(f"{held_base[k.replace('_', '/', 1)]:.4f}" for k, _ in HELD) + f" | {base['wall_s']:.0f} |")
+                 + " | ".join(cell(base, k.replace("_", "/", 1)) for k, _ in COLUMNS)
+                 + "".join(f" | {cell(held_base[name], k.replace('_', '/', 1))}" for name, k, _ in held) + f" | {base['wall_s']:.0f} |")
     for r in results:
-        f, h = r["final"], r["holdout"]
-        lines.append(f"| {r['variant']} | {f['seen']:,} | " + " | ".join(f"{f[k]:.4f}" for k, _ in COLUMNS)
-                     + " | " + " | ".join(f"{h[k]:.4f}" for k, _ in HELD) + f" | {r['wall_s']:.0f} |")
+        f = r["final"]
+        lines.append(f"| {r['variant']} | {f['seen']:,} | " + " | ".join(cell(f, k) for k, _ in COLUMNS)
+                     + "".join(f" | {cell(r['held'][name], k)}" for name, k, _ in held) + f" | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -202,8 +216,15 @@ def plot(results: list[dict], base: dict, path: Path) -> None:
         for row, (xlabel, x) in zip(axes, xs):
             for ax, (key, title) in zip(row, panels):
                 ax.plot([x(r) for r in runs], [r["final"][key] for r in runs], "o-", color=f"C{i % 10}", label=name)
-                ax.plot([x(r) for r in runs], [r["holdout"][key] for r in runs], "s:", color=f"C{i % 10}",
+                ax.plot([x(r) for r in runs], [r["held"]["holdout"][key] for r in runs], "s--", color=f"C{i % 10}",
                         label=f"{name}, held out")
+                longest = runs[-1]  # dotted: its validation after each epoch (on a schedule not yet ended)
+                if xlabel.startswith("samples"):
+                    points = [(c["seen"], c[key]) for c in longest["curve"]]
+                else:  # minutes since the run started (runs recorded before "started" was kept have none)
+                    points = [((c["time"] - longest["started"]) / 60, c[key]) for c in longest["curve"] if "started" in longest]
+                if len(points) > 1:
+                    ax.plot(*zip(*points), ":", color=f"C{i % 10}")
     for row, (xlabel, _) in zip(axes, xs):
         for ax, (key, title) in zip(row, panels):
             ax.axhline(base[key.replace("_", "/", 1)], color="k", ls="--", lw=1, label="baseline (val)")
@@ -218,6 +239,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/depthseg-bench-quality", help="dataset, shards, runs, results (default: %(default)s)")
     p.add_argument("--dataset", default="40k", choices=tuple(DATASETS), help="the training set (default: %(default)s)")
+    p.add_argument("--real-bg", type=Path, help="a folder of photos: also score on them as backgrounds (mask figures)")
     p.add_argument("--budgets", default="4k,16k,32k", help="samples seen, comma-separated (default: %(default)s)")
     p.add_argument("--variant", action="append", help=f"repeatable: {', '.join(VARIANTS)}, NAME=FLAGS or NAME@CHECKOUT=FLAGS "
                                                       "(default: reference, fast)")
@@ -236,21 +258,29 @@ def main():
     variants = [(v.split("=", 1)[0], v.split("=", 1)[1]) if "=" in v else (v, VARIANTS[v])
                 for v in (a.variant or ["reference", "fast"])]
     budgets = [parse_budget(b) for b in a.budgets.split(",")]
-    shards, held_out = dataset(work, a.dataset, DATASETS[a.dataset]), dataset(work, "holdout", HOLDOUT, val_fraction=0)
+    shards = dataset(work, a.dataset, DATASETS[a.dataset])
+    sets = {"holdout": dataset(work, "holdout", HOLDOUT, val_fraction=0)}
+    if a.real_bg:
+        sets["realbg"] = dataset(work, "realbg", {**REAL_BG, "bg_dir": str(a.real_bg)}, val_fraction=0)
     cached = work / f"baselines-{a.dataset}-{a.res}px-{a.loader}.json"  # the same shards, the same figures: fitted once
-    if not cached.is_file():
-        fitted, scores = baselines(shards, "cpu", a.res, a.loader)
-        cached.write_text(json.dumps({"val": scores, "holdout": score_holdout(fitted, held_out, a.res, a.loader)}))
-    cached_base = json.loads(cached.read_text())
-    base, held_base = cached_base["val"], cached_base["holdout"]
+    cached_base = json.loads(cached.read_text()) if cached.is_file() else {}
+    if "val" not in cached_base:
+        fitted, cached_base["val"] = baselines(shards, "cpu", a.res, a.loader)
+        cached_base["threshold_fitted"] = fitted.threshold
+    missing = [name for name in sets if name not in cached_base]
+    if missing:
+        fitted = baselines(shards, "cpu", a.res, a.loader)[0]
+        cached_base.update({name: score_holdout(fitted, sets[name], a.res, a.loader) for name in missing})
+    cached.write_text(json.dumps(cached_base))
+    base, held_base = cached_base["val"], {name: cached_base[name] for name in sets}
     print(f"baselines: threshold {base['threshold']:.2f} (train IoU {base['train_iou']:.4f}): val mask IoU "
-          f"{base['mask/iou']:.4f}, held out {held_base['mask/iou']:.4f}; mean depth map: val depth rms "
-          f"{base['depth/rms']:.4f}, held out {held_base['depth/rms']:.4f}", flush=True)
+          f"{base['mask/iou']:.4f}, held out {held_base['holdout']['mask/iou']:.4f}; mean depth map: val depth rms "
+          f"{base['depth/rms']:.4f}, held out {held_base['holdout']['depth/rms']:.4f}", flush=True)
     jobs = [(name, flags, b) for name, flags in variants for b in budgets]
     with ThreadPoolExecutor(a.jobs) as pool:
-        results = list(pool.map(lambda j: run_one(*j, a, shards, held_out), jobs))
+        results = list(pool.map(lambda j: run_one(*j, a, shards, sets), jobs))
     (work / "results.json").write_text(json.dumps({"baselines": base, "holdout_baselines": held_base, "runs": results,
-                                                   "args": vars(a)}, indent=1))
+                                                   "args": vars(a)}, indent=1, default=str))
     print(f"\n{a.ranks} rank(s) x batch {a.batch_size} on {a.device}, {a.res} px, dataset {a.dataset} "
           f"{DATASETS[a.dataset]}, held out {HOLDOUT}\n")
     print(table(results, base, held_base))

@@ -31,7 +31,7 @@ def test_baseline_figures_stand_beside_the_models_in_the_last_line(ckpt, exact_s
     m = json.loads(evaluate(*args, "--json"))
     assert lines[-1].startswith("val: 25 samples at 32px, loss ")
     assert (f"mask IoU {m['mask/iou']:.4f} (baseline {m['baseline/mask/iou']:.4f}), "
-            f"depth rms {m['depth/rms']:.4f} (baseline {m['baseline/depth/rms']:.4f}) (reference model, step 8)") in lines[-1]
+            f"depth rms {m['depth/rms']:.4f} (baseline {m['baseline/depth/rms']:.4f}) (unet model, step 8)") in lines[-1]
     assert m["baseline/mask/iou"] > 0.9 > m["mask/iou"]  # the baseline's figure, not the model's twice
     assert any(line.startswith("baselines (mask |fg_bg - bg| > ") for line in lines)
     assert "(baseline" not in evaluate("--checkpoint", str(ckpt), "--shards", str(exact_shards)).strip().splitlines()[-1]

@@ -6,7 +6,7 @@ import torch
 
 from train.model import MODELS, build_model
 
-UNET_PARAMS = 3_348_666  # the default model
+UNET_PARAMS = 3_881_906  # the default model
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

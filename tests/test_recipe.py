@@ -56,7 +56,7 @@ def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():
         assert getattr(ref, key) == value
     # The seed's recipe, spelled out (not read back from the table it is checked against).
     assert (ref.model, ref.optimizer, ref.lr, ref.lr_scaling, ref.schedule, ref.lr_step, ref.lr_gamma, ref.warmup) == \
-        ("reference", "adam", 1e-3, "none", "step", 2, 0.5, 0.0)
+        ("reference", "adam", (1e-3,), "none", "step", 2, 0.5, 0.0)
     assert (ref.dropout, ref.mask_prior, ref.depth_prior, ref.w_dice, ref.mask_image_terms, ref.aug_shared) == \
         (0.2, 0.0, 0.0, 0.0, True, False)
     fast = settings_from([])
@@ -248,14 +248,17 @@ def test_quality_table_puts_the_baselines_beside_each_run():
     spec = importlib.util.spec_from_file_location("bench_quality", path)
     bq = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bq)
-    keys, held = [k for k, _ in bq.COLUMNS], [k for k, _ in bq.HELD]
+    keys = [k for k, _ in bq.COLUMNS]
     base = {"threshold": 0.12, "wall_s": 3.0, **{k.replace("_", "/", 1): 0.1 * (i + 1) for i, k in enumerate(keys)}}
-    held_base = {k.replace("_", "/", 1): 0.7 + 0.1 * i for i, k in enumerate(held)}
+    held_base = {"holdout": {"mask/iou": 0.7, "depth/rms": 0.8, "depth/t1": 0.9}}  # no real-bg set scored
     run = {"variant": "fast", "wall_s": 99.4, "final": {"seen": 34816, **{k: 0.01 * (i + 1) for i, k in enumerate(keys)}},
-           "holdout": {k: 0.02 * (i + 1) for i, k in enumerate(held)}}
+           "held": {"holdout": {"mask_iou": 0.02, "depth_rms": 0.04, "depth_t1": 0.06}}}
     lines = bq.table([run], base, held_base).splitlines()
-    assert len(lines) == 4 and lines[0].count("|") == len(keys) + len(held) + 4
+    assert len(lines) == 4 and lines[0].count("|") == len(keys) + 3 + 4 and "real-bg" not in lines[0]
     assert lines[2] == ("| baselines (threshold 0.12, mean depth) | 0 | 0.1000 | 0.2000 | 0.3000 | 0.4000 | 0.5000 | "
                         "0.7000 | 0.8000 | 0.9000 | 3 |")
     assert lines[3] == "| fast | 34,816 | 0.0100 | 0.0200 | 0.0300 | 0.0400 | 0.0500 | 0.0200 | 0.0400 | 0.0600 | 99 |"
+    held_base["realbg"], run["held"]["realbg"] = {"mask/iou": 0.5}, {"mask_iou": 0.25}
+    lines = bq.table([run], base, held_base).splitlines()
+    assert lines[0].endswith("| real-bg mask IoU | wall s |") and lines[3].endswith("| 0.0600 | 0.2500 | 99 |")
     assert bq.parse_budget("4k") == 4000 and bq.parse_budget("32k") == 32000 and bq.parse_budget("500") == 500

@@ -20,6 +20,8 @@ from conftest import child_pids, run_script
 from pipeline.augment import Augment
 from pipeline.loaders import build_loader
 from train.main import main as train_main
+from train.run import lr_factor
+from train.settings import settings_from
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,8 +154,8 @@ def test_progressive_stages_keep_each_best_and_resume_inside_a_stage_exactly(exa
     from the first stage's best weights, each stage with its own schedule. Stopped inside the
     first stage, resumed, stopped inside the second (mid-epoch) and resumed again, the run has
     exactly the uninterrupted run's losses."""
-    args = ["--shards", str(exact_shards), "--res", "32,48", "--epochs", "1,2", "--batch-size", "8", "--workers", "1",
-            "--log-every", "1", "--no-augment", "--device", "cpu"]
+    args = ["--shards", str(exact_shards), "--res", "32,48", "--epochs", "1,2", "--lr", "2e-3,1e-3", "--batch-size", "8",
+            "--workers", "1", "--log-every", "1", "--no-augment", "--device", "cpu"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert train_main(args + ["--out", str(whole)]) == 0
     output = capsys.readouterr().out
@@ -165,8 +167,13 @@ def test_progressive_stages_keep_each_best_and_resume_inside_a_stage_exactly(exa
     assert (last["res"], last["stage"], last["step"], last["epoch"]) == (48, 1, 12, 2)
     train = records(whole, "train")
     assert [r["step"] for r in train] == list(range(1, 13)) and [r["res"] for r in train] == [32] * 4 + [48] * 8
-    # Each stage's cosine ends at 0 at its last step; the second starts again at its peak.
-    assert train[3]["lr"] == 0 < train[5]["lr"] < train[4]["lr"] == pytest.approx(max(r["lr"] for r in train[4:]))
+    # Each stage has its own schedule and peak (--lr per stage, sqrt-scaled from 32 to a batch of 8):
+    # a cosine over its own steps, to 0 at its last.
+    s = settings_from(args)
+    for r in train:
+        stage_step, total, peak = (r["step"], 4, 2e-3 / 2) if r["res"] == 32 else (r["step"] - 4, 8, 1e-3 / 2)
+        assert r["lr"] == pytest.approx(peak * lr_factor(stage_step, total, 4, s))
+    assert train[3]["lr"] == 0 < train[4]["lr"]
     assert [r["res"] for r in records(whole, "val")] == [32, 48, 48]
     assert sorted(p.name for p in (whole / "vis").iterdir()) == ["32px_epoch_001.png", "48px_epoch_001.png", "48px_epoch_002.png"]
     for stop in ("2", "7", "0"):

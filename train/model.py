@@ -132,58 +132,57 @@ class ReferenceNet(nn.Module):
 
 
 # --- the efficient family: one early-fusion encoder, two U-Net decoders ----------------------
+# Chosen on scripts/bench_quality.py (BENCHMARKS.md, "Choosing the unet"): a 16-channel conv at
+# full resolution, two convs per decoder step and nearest upsampling beat the issue's prototype
+# per sample and per minute; bilinear's backward alone was 16-19% of a step.
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class Encoder(nn.Module):
-    """bg, fg_bg and |fg_bg − bg| (9 channels) through one network that halves the resolution
-    at once: a stride-2 stem (two 3x3 convs), then one stage of `blocks` BasicBlocks per further
-    halving, down to H/32, whose receptive field covers a 224 px image. Returns the features at
-    every resolution, the input first: [x (H), stem (H/2), stage 1 (H/4), .., bottleneck]."""
+    """bg, fg_bg and |fg_bg − bg| (9 channels): one light conv at full resolution (`full_res`
+    features), a stride-2 stem (two 3x3 convs), then one stage of `blocks` BasicBlocks per
+    further halving, down to H/32, whose receptive field covers a 224 px image. Returns the
+    features at every resolution: [input + full-res features (H), stem (H/2), .., bottleneck]."""
 
-    def __init__(self, widths: tuple[int, ...], blocks: int = 2, dropout: float = 0.0, cin: int = 9, full_res: int = 0):
+    def __init__(self, widths: tuple[int, ...], full_res: int, blocks: int = 2, dropout: float = 0.0, cin: int = 9):
         super().__init__()
-        self.full = conv_bn_relu(cin, full_res) if full_res else None
-        self.stem = nn.Sequential(conv_bn_relu(full_res or cin, widths[0], 2), conv_bn_relu(widths[0], widths[0]))
+        self.full = conv_bn_relu(cin, full_res)
+        self.stem = nn.Sequential(conv_bn_relu(full_res, widths[0], 2), conv_bn_relu(widths[0], widths[0]))
         self.stages = nn.ModuleList(
             nn.Sequential(BasicBlock(a, b, 2, dropout), *(BasicBlock(b, b, 1, dropout) for _ in range(blocks - 1)))
             for a, b in zip(widths, widths[1:]))
         self.out_channels = (cin + full_res, *widths)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.full is not None:
-            f = self.full(x)
-            return self._down([torch.cat([x, f], 1), self.stem(f)])
-        return self._down([x, self.stem(x)])
-
-    def _down(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        f = self.full(x)
+        feats = [torch.cat([x, f], 1), self.stem(f)]
         for stage_ in self.stages:
             feats.append(stage_(feats[-1]))
         return feats
 
 
 class UNetDecoder(nn.Module):
-    """From the bottleneck up to H, one step per encoder resolution: bilinear ×2, the encoder's
-    features at that resolution concatenated, one 3x3 conv + BN + ReLU. The last step works at
-    full resolution on the 9 input channels themselves, so thin parts of a mask stay sharp."""
+    """From the bottleneck up to H, one step per encoder resolution: nearest ×2, the encoder's
+    features at that resolution concatenated, `convs` 3x3 conv + BN + ReLU (one at full
+    resolution, where the input itself is the skip, so thin parts of a mask stay sharp)."""
 
-    def __init__(self, encoder_channels: tuple[int, ...], widths: tuple[int, ...], convs: int = 1, upsample: str = "bilinear"):
+    def __init__(self, encoder_channels: tuple[int, ...], widths: tuple[int, ...], convs: int = 2):
         super().__init__()
-        self.upsample = {"mode": upsample, **({"align_corners": False} if upsample == "bilinear" else {})}
         skips = encoder_channels[-2::-1]  # from the resolution below the bottleneck up to the input
         assert len(widths) == len(skips), (widths, skips)
         cins = (encoder_channels[-1], *widths[:-1])
-        self.steps = nn.ModuleList(nn.Sequential(conv_bn_relu(c + s, w), *(conv_bn_relu(w, w) for _ in range(convs - 1)))
-                                   for c, s, w in zip(cins, skips, widths))
+        n = [convs] * (len(widths) - 1) + [1]
+        self.steps = nn.ModuleList(nn.Sequential(conv_bn_relu(c + s, w), *(conv_bn_relu(w, w) for _ in range(k - 1)))
+                                   for c, s, w, k in zip(cins, skips, widths, n))
         self.out = nn.Conv2d(widths[-1], 1, 3, 1, 1)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         x = feats[-1]
         for step, skip in zip(self.steps, reversed(feats[:-1])):
             # To the skip's size, not ×2: a stride-2 conv rounds odd sizes up, so any H and W work.
-            x = F.interpolate(x, size=skip.shape[-2:], **self.upsample)
+            x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
             # The input (a float32 skip) in x's dtype: else the concatenation is float32 at full
             # resolution and autocast casts it back to bf16 for the conv.
             x = step(torch.cat([x, skip.to(x.dtype)], 1))
@@ -196,14 +195,13 @@ class UNet(nn.Module):
     scales every channel count. Input B×6×H×W, any H and W."""
 
     def __init__(self, width: float = 1.0, dropout: float = 0.0, blocks: int = 2,
-                 encoder: tuple[int, ...] = (24, 48, 96, 144, 192), mask: tuple[int, ...] = (64, 48, 32, 16, 16),
-                 depth: tuple[int, ...] = (128, 96, 64, 32, 16), full_res: int = 0, decoder_convs: int = 1,
-                 upsample: str = "bilinear"):
+                 encoder: tuple[int, ...] = (32, 64, 96, 144, 192), full_res: int = 16,
+                 mask: tuple[int, ...] = (64, 48, 48, 32, 16), depth: tuple[int, ...] = (128, 96, 64, 48, 24)):
         super().__init__()
         scale = lambda ws: tuple(max(8, int(round(w * width / 8)) * 8) for w in ws)  # noqa: E731 (multiples of 8)
-        self.encoder = Encoder(scale(encoder), blocks, dropout, full_res=full_res)
-        self.mask_head = UNetDecoder(self.encoder.out_channels, scale(mask), decoder_convs, upsample)
-        self.depth_head = UNetDecoder(self.encoder.out_channels, scale(depth), decoder_convs, upsample)
+        self.encoder = Encoder(scale(encoder), scale((full_res,))[0], blocks, dropout)
+        self.mask_head = UNetDecoder(self.encoder.out_channels, scale(mask))
+        self.depth_head = UNetDecoder(self.encoder.out_channels, scale(depth))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bg, fg_bg = x[:, :3], x[:, 3:]
@@ -215,14 +213,6 @@ class UNet(nn.Module):
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "reference": ReferenceNet, "diff": partial(ReferenceNet, diff=True),
     "unet-s": partial(UNet, width=0.75), "unet": UNet, "unet-l": partial(UNet, width=1.5),
-    # under test
-    "unet-fr16": partial(UNet, full_res=16), "unet-dc2": partial(UNet, decoder_convs=2),
-    "unet-fr16-dc2": partial(UNet, full_res=16, decoder_convs=2),
-    "unet-hr1": partial(UNet, encoder=(32, 64, 96, 144, 192), full_res=16, decoder_convs=2, mask=(64, 48, 48, 32, 24),
-                        depth=(128, 96, 64, 48, 32)),
-    "unet-hr2": partial(UNet, encoder=(32, 64, 128, 160, 192), full_res=24, decoder_convs=2, mask=(64, 64, 48, 32, 24),
-                        depth=(128, 128, 96, 64, 32)),
-    "unet-nn": partial(UNet, upsample="nearest"), "unet-fr16-nn": partial(UNet, full_res=16, upsample="nearest"),
 }
 
 

@@ -40,11 +40,11 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, s: TrainSettings) -> 
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def peak_lr(s: TrainSettings, global_batch: int) -> float:
-    """--lr moved to the global batch: linear (Goyal et al. 2017, for SGD) or square root (what
-    keeps Adam's update noise level, Malladi et al. 2022)."""
+def peak_lr(s: TrainSettings, global_batch: int, lr: float | None = None) -> float:
+    """--lr (a stage's, or the first) moved to the global batch: linear (Goyal et al. 2017, for
+    SGD) or square root (what keeps Adam's update noise level, Malladi et al. 2022)."""
     ratio = global_batch / s.lr_batch
-    return s.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[s.lr_scaling]
+    return (s.lr[0] if lr is None else lr) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[s.lr_scaling]
 
 
 class Run:
@@ -65,7 +65,7 @@ class Run:
         self.raw = self.precision.prepare(self.raw.to(ctx.device))
         optimizer = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
         # Fused: one kernel for all parameters, on the CPU too (3.6x the default's time per step).
-        self.optimizer = optimizer(self.raw.parameters(), lr=peak_lr(s, stage.batch * ctx.world_size),
+        self.optimizer = optimizer(self.raw.parameters(), lr=peak_lr(s, stage.batch * ctx.world_size, stage.lr),
                                    weight_decay=s.weight_decay, fused=True)
         # Stepped after every optimizer step, from 0 at the stage's start; its state (the step
         # count) goes into checkpoints. The stage's length is known once the loader is:

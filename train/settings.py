@@ -72,7 +72,7 @@ def per_stage(kind: type):
     return parse
 
 
-PER_STAGE = {"res": int, "epochs": float, "batch_size": int}  # epochs may be fractional: 0.5 of a 400k set
+PER_STAGE = {"res": int, "epochs": float, "batch_size": int, "lr": float}  # epochs may be fractional: 0.5 of a 400k set
 
 
 @dataclass
@@ -90,7 +90,8 @@ class TrainSettings:
     recipe: str = field(default="fast", metadata={"help": "fast: the measured best (BENCHMARKS.md); diff: the defaults before the unet "
                                                            "model; reference: the seed's Adam + StepLR + loss. Sets the options below that are not given"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw (decoupled weight decay) or adam (L2, the reference's)"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate at a global batch of --lr-batch"})
+    lr: tuple = field(default=(2e-3,), metadata={"help": "peak learning rate at a global batch of --lr-batch, one for every "
+                                                         "stage or one per stage (e.g. 4e-3,1e-3,5e-4)"})
     lr_batch: int = field(default=32, metadata={"help": "global batch (all ranks) at which --lr applies"})
     lr_scaling: str = field(default="sqrt", metadata={"help": "how the learning rate follows the global batch: sqrt, linear or none"})
     schedule: str = field(default="cosine", metadata={"help": "cosine (to 0 at each stage's last step, after --warmup) or step (StepLR)"})
@@ -146,7 +147,7 @@ class TrainSettings:
     def stages(self) -> list["Stage"]:
         """One Stage per --res, each with its epochs and batch size; one sentence if they do not fit."""
         n = len(self.res)
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "lr"):
             if len(getattr(self, name)) not in (1, n):
                 raise TrainingError(f"--{name.replace('_', '-')} {_shown(getattr(self, name))} gives "
                                     f"{len(getattr(self, name))} values for {n} stages of --res; give one, or one per stage.")
@@ -155,7 +156,7 @@ class TrainSettings:
         if not all(self.epochs):
             raise TrainingError(f"--epochs {_shown(self.epochs)}: every stage needs more than 0 epochs.")
         per = lambda values, i: values[i if len(values) > 1 else 0]  # noqa: E731
-        return [Stage(i, r, per(self.epochs, i), per(self.batch_size, i) or default_batch(r, self.on_gpu()), n)
+        return [Stage(i, r, per(self.epochs, i), per(self.batch_size, i) or default_batch(r, self.on_gpu()), per(self.lr, i), n)
                 for i, r in enumerate(self.res)]
 
 
@@ -167,6 +168,7 @@ class Stage:
     res: int
     epochs: float
     batch: int
+    lr: float  # the peak at --lr-batch
     count: int  # stages in the run
 
     def steps(self, steps_per_epoch: int) -> int:
@@ -190,8 +192,8 @@ class Stage:
 # What --recipe sets, unless given on the command line. "fast" is the dataclass defaults above.
 RECIPES = {
     "fast": {},
-    "diff": {"model": "diff", "lr": 2e-3},
-    "reference": {"model": "reference", "optimizer": "adam", "lr": 1e-3, "lr_scaling": "none", "schedule": "step", "warmup": 0.0,
+    "diff": {"model": "diff", "lr": (2e-3,)},
+    "reference": {"model": "reference", "optimizer": "adam", "lr": (1e-3,), "lr_scaling": "none", "schedule": "step", "warmup": 0.0,
                   "dropout": 0.2, "mask_prior": 0.0, "depth_prior": 0.0, "w_dice": 0.0, "mask_image_terms": True,
                   "sync_bn": False, "aug_shared": False},
 }
