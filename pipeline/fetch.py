@@ -172,12 +172,21 @@ class ShardSet:
                 p.unlink(missing_ok=True)
 
     def _get(self, url: str, part: Path, limit: int) -> str:
-        with open(part, "wb") as f:
-            writer = _HashingWriter(f, limit)
-            try:
-                store.download(url, writer)
-            except _TooLong:
-                raise BadShard(url, f"{url.rsplit('/', 1)[1]} has more than the {limit} bytes the manifest says") from None
+        """The object into `part`: its sha256. A stream broken midway is fetched again, up to the
+        store's attempts (a request that fails at once botocore has retried already)."""
+        attempts = store.TIMEOUTS["retries"]["total_max_attempts"]
+        for attempt in range(attempts):
+            with open(part, "wb") as f:
+                writer = _HashingWriter(f, limit)
+                try:
+                    store.download(url, writer, limit)
+                    break
+                except _TooLong:
+                    raise BadShard(url, f"{url.rsplit('/', 1)[1]} has more than the {limit} bytes the manifest says") from None
+                except store.StoreError:
+                    if writer.n == 0 or attempt == attempts - 1:
+                        raise
+            time.sleep(0.5 * 2**attempt)
         if writer.n != limit and url.endswith(".tar"):
             raise BadShard(url, f"{url.rsplit('/', 1)[1]} has {writer.n} bytes, the manifest says {limit}")
         return writer.sha.hexdigest()

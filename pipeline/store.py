@@ -102,16 +102,22 @@ def errors(url: str):
         raise StoreError(f"the object store at {endpoint()} failed for {url} ({cause}).") from None
 
 
-def download(url: str, fileobj) -> None:
-    """The whole object into fileobj.write(), in order: one GET, or ranged GETs of PART_BYTES in
-    parallel for a larger object (boto3's transfer manager; fileobj is not seekable, so it puts
-    the parts back in order and the caller can hash what it writes)."""
+def download(url: str, fileobj, size: int = 0) -> None:
+    """The whole object into fileobj.write(), in order: one streamed GET, or, for an object of
+    `size` PART_BYTES or more, ranged GETs of PART_BYTES in parallel (boto3's transfer manager;
+    fileobj is not seekable, so it puts the parts back in order and the caller can hash what it
+    writes). A transfer manager per object costs more CPU than a small object's GET itself."""
     from boto3.s3.transfer import TransferConfig
 
     bucket, key = split(url)
-    config = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
-                            max_concurrency=DOWNLOAD_THREADS, num_download_attempts=TIMEOUTS["retries"]["total_max_attempts"])
     with errors(url):
+        if size < PART_BYTES:
+            body = client("transfer").get_object(Bucket=bucket, Key=key)["Body"]
+            for chunk in body.iter_chunks(1 << 20):
+                fileobj.write(chunk)
+            return
+        config = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
+                                max_concurrency=DOWNLOAD_THREADS, num_download_attempts=TIMEOUTS["retries"]["total_max_attempts"])
         client("transfer").download_fileobj(bucket, key, fileobj, Config=config)
 
 
