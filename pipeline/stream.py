@@ -79,12 +79,13 @@ def groups(plan: Plan, shards: list[Shard], epoch: int, seed: int, group_bytes: 
 
 
 def window_bytes(plan: Plan, shards: list[Shard], group_bytes: int) -> int:
-    """The most bytes WINDOW consecutive groups hold, over every epoch's slice and into the next."""
-    epochs = plan.world_size if plan.train else 1  # the slices come round again after that
-    seq = [sum(shards[k].total for k, _, _ in g) for e in range(epochs)
-           for g in cut(plan, shards, *slice_of(plan, e), group_bytes)]
-    seq += seq[:WINDOW - 1]
-    return max(sum(seq[i:i + WINDOW]) for i in range(len(seq) - WINDOW + 1))
+    """The most bytes the shards of WINDOW consecutive groups hold, over every epoch's slice and
+    on into the next (the slices come round again after world_size epochs)."""
+    epochs = plan.world_size if plan.train else 1
+    seq = [{k for k, _, _ in g} for e in range(epochs) for g in cut(plan, shards, *slice_of(plan, e), group_bytes)]
+    n = len(seq)
+    windows = [set().union(*(seq[(i + j) % n] for j in range(min(WINDOW, n)))) for i in range(n)]
+    return max(sum(shards[k].total for k in w) for w in windows)
 
 
 def budget(plan: Plan, shards: list[Shard], share: int) -> int | None:

@@ -85,9 +85,9 @@ real_download, real_write = store.download, fetch._HashingWriter.write
 how, arg = os.environ.get("TEST_PATCH", ""), Path(os.environ.get("TEST_PATH", "."))
 
 
-def slow(url, fileobj):  # every download takes a while, so that two processes' fetches overlap
+def slow(url, fileobj, size=0):  # every download takes a while, so that two processes' fetches overlap
     time.sleep(0.3)
-    real_download(url, fileobj)
+    real_download(url, fileobj, size)
 
 
 def stall(self, data):  # the first bytes of a shard are written, then the process waits to be killed
@@ -306,19 +306,41 @@ def test_dali_streams_a_set_larger_than_the_budget_within_it(moto, fresh, exact_
     assert sampler.peak <= STREAM_LIMIT < fetched, (sampler.peak, fetched)  # it evicted to stay within the budget
 
 
-def test_streaming_resumes_exactly_from_its_state(fresh, tmp_path):
+@pytest.fixture(scope="module")
+def many(s3_server, tmp_path_factory) -> str:
+    """exact's layout in 16 shards of 4 samples (58 train, 6 val) in the store: a set whose groups
+    span several shards when streamed at batch 4."""
+    import zipfile
+
+    from conftest import write_layout
+    from pipeline.shard import ShardSettings, shard
+
+    root = tmp_path_factory.mktemp("many")
+    with zipfile.ZipFile(root / "many.zip", "w") as zf:
+        write_layout(zf, n_bg=4, per_bg=16)
+    shard(ShardSettings(src=(str(root / "many.zip"),), out=str(root / "shards"), shard_size=4, val_fraction=0.1, workers=1),
+          log=lambda *_: None)
+    upload(s3_server, root / "shards", f"s3://{BUCKET}/many")
+    return f"s3://{BUCKET}/many"
+
+
+def test_streaming_resumes_exactly_from_its_state(s3_env, many, tmp_path):
     """Stopped after the second epoch's first batch, a streaming loader rebuilt from its state
-    gives the rest of that epoch and the next as the uninterrupted one did, even with another
-    budget (the state keeps the grouping that decides the order)."""
-    kw = {**KW, "rank": 1, "world_size": 2, "augment": Augment(), "cache_dir": tmp_path}
-    whole = epochs(build_loader(fresh, cache_limit=STREAM_LIMIT, **kw), 3)
-    loader = build_loader(fresh, cache_limit=STREAM_LIMIT, **kw)
+    gives the rest of that epoch and the next as the uninterrupted one did, though with another
+    budget (which would group the shards otherwise: the state keeps the grouping)."""
+    kw = {**KW, "rank": 1, "world_size": 2, "augment": Augment()}
+    # A cache folder per loader: each budget is for one loader (pins last as long as loaders do).
+    whole = epochs(build_loader(many, cache_dir=tmp_path / "whole", cache_limit=300_000, **kw), 3)
+    assert len({tuple(e) for e in whole}) == 3  # each epoch its own slice or shuffle
+    loader = build_loader(many, cache_dir=tmp_path / "cut", cache_limit=300_000, **kw)
     assert epochs(loader) == whole[:1]
     for b in loader:
         first, state = fingerprint(b), loader.state()
         break
     assert set(state) == {"dali", "group_bytes"}
-    resumed = build_loader(fresh, cache_limit=2 * STREAM_LIMIT, state=state, **kw)
+    other = build_loader(many, cache_dir=tmp_path / "other", cache_limit=380_000, **kw)
+    assert other.source.group_bytes != state["group_bytes"] and epochs(other, 2)[1] != whole[1]
+    resumed = build_loader(many, cache_dir=tmp_path / "resumed", cache_limit=380_000, state=state, **kw)
     assert [first] + epochs(resumed)[0] == whole[1] and epochs(resumed) == whole[2:]
 
 
