@@ -81,8 +81,16 @@ def part_bytes(shards: str) -> int:
     return sum(e["bytes"] + os.path.getsize(Path(shards) / e["index"]) for e in entries)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one(server: MotoServer, name: str, loader: str, where: str, args, cache: dict) -> dict:
-    mark = server.mark()
+    """One row: bench_loader's samples/s, and for the whole row (build included) its wall time,
+    the CPU seconds of this process (the loader's threads, its prefetch) and of the server."""
+    mark, cpu0, server0 = server.mark(), time.process_time(), cpu_seconds(server.proc.pid)
     with Peak(Path(cache["cache_dir"])) if cache.get("cache_dir") not in (None, "off") else _nothing() as peak:
         t0 = time.perf_counter()
         r = bench_loader(where, loader, res=args.res, batch_size=args.batch_size, batches=args.batches, warmup=2,
@@ -90,6 +98,7 @@ def one(server: MotoServer, name: str, loader: str, where: str, args, cache: dic
         wall = time.perf_counter() - t0
     gets = server.gets(mark, BUCKET, PREFIX + "/")
     return {"config": name, "samples_per_s": r["samples_per_s"], "wall_s": round(wall, 2), "shard_gets": sum(gets.values()),
+            "cpu_s": round(time.process_time() - cpu0, 2), "server_cpu_s": round(cpu_seconds(server.proc.pid) - server0, 2),
             "peak_cache_bytes": peak.bytes if peak else None, "cache_limit": cache.get("cache_limit")}
 
 
@@ -153,19 +162,21 @@ def report(results: list[dict], train: list[dict], quarter: int) -> None:
     med = {}
     for name in dict.fromkeys(r["config"] for r in results):
         rs = [r for r in results if r["config"] == name]
-        med[name] = {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "wall_s", "shard_gets")}
+        med[name] = {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "wall_s", "shard_gets", "cpu_s",
+                                                                        "server_cpu_s")}
         med[name]["peak"] = max((r["peak_cache_bytes"] or 0) for r in rs)
-    print("\nconfig              samples/s  vs disk  wall s  vs disk  shard GETs  peak cache")
+    print("\nconfig              samples/s  vs disk  wall s  vs disk  CPU s (server)  vs disk  shard GETs  peak cache")
     for name, m in med.items():
         disk = med[f"{name.split()[0]} disk"]
+        cpu, disk_cpu = m["cpu_s"] + m["server_cpu_s"], disk["cpu_s"] + disk["server_cpu_s"]
         print(f"{name:18s} {m['samples_per_s']:10,.0f} {m['samples_per_s'] / disk['samples_per_s']:8.2f} {m['wall_s']:7.2f} "
-              f"{disk['wall_s'] / m['wall_s']:8.2f} {m['shard_gets']:11.0f}  "
-              + (f"{m['peak'] / 1e6:.2f} MB of {quarter / 1e6:.2f}" if name.endswith("quarter") else ""))
+              f"{disk['wall_s'] / m['wall_s']:8.2f} {cpu:8.2f} ({m['server_cpu_s']:4.2f}) {disk_cpu / cpu:8.2f} "
+              f"{m['shard_gets']:11.0f}  " + (f"{m['peak'] / 1e6:.2f} MB of {quarter / 1e6:.2f}" if name.endswith("quarter") else ""))
     for t in train:
         print(f"{t['config']:18s} {t['samples_per_s']:10,.1f} {t['samples_per_s'] / train[0]['samples_per_s']:8.2f} "
               f"{t['wall_s']:7.1f} {train[0]['wall_s'] / t['wall_s']:8.2f} {t['shard_gets']:11d}")
-    print("(medians of the rounds; 'wall s' includes the loader's build, downloads of a cold cache included; "
-          "its ratio is disk / s3)")
+    print("(medians of the rounds; 'wall s' and 'CPU s' are the whole row's, the loader's build and the downloads "
+          "of a cold cache included, CPU of this process and the server's; their ratios are disk / s3)")
 
 
 def main():
