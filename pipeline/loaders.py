@@ -117,7 +117,12 @@ def _stream_source(p: Plan, sset, shards: list, limit: int, seed: int, state):
     procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     beside = _validation_window(p) if p.train else 0
     share = limit // procs - beside
-    group = state["group_bytes"] if isinstance(state, dict) else stream.budget(p, shards, share)
+    if isinstance(state, dict):  # the grouping decides the order: a resumed loader keeps its own
+        group = state["group_bytes"]
+    elif p.train:
+        group = stream.budget(p, shards, share)
+    else:  # validation's order does not depend on it: groups of a batch, the window kept for it
+        group = 0
     if group is None or stream.window_bytes(p, shards, group) > share:
         need = (stream.window_bytes(p, shards, group or 0) + beside) * procs
         raise CacheError(f"--cache-limit {mb(limit)} is too small to stream these shards: with {procs} process(es) on "
