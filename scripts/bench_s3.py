@@ -2,7 +2,7 @@
 on local disk, in one run: the goals of the node-local shard cache (issue 17) as ratios.
 
     python scripts/bench_s3.py --shards /tmp/s3bench/shards --res 64 --batch-size 16 --batches 150 \
-        --rounds 3 --train-steps 40
+        --rounds 3 --train-steps 40 --train-rounds 2
 
 moto's standalone server in its own process on 127.0.0.1 (scripts/s3_server.py), `depthcli
 upload`, then per round, configurations interleaved, pipeline.bench.bench_loader (what `depthcli
@@ -20,8 +20,9 @@ and the shard GETs that moto's request log counts:
     dali s3 off            optional (--uncached-batches N): DALI reading s3:// itself
 
 Then, with --train-steps, train/main.py under torchrun (2 ranks sharing the node's cache) from
-disk and from s3:// with a cold cache: samples/s after the first logged interval and the wall
-time of the whole run. moto is a test server written in Python, not a storage system; it shares
+disk and from s3:// with a cold cache, interleaved over --train-rounds: samples/s after the
+first logged interval and the wall time of the whole run. The CPU column counts this process's
+threads, so it is DALI's whole cost but not the torch loader's (its workers are processes). moto is a test server written in Python, not a storage system; it shares
 the CPU with the loaders here, so s3 rows also pay for the server's work.
 """
 
@@ -146,15 +147,17 @@ def loaders(server: MotoServer, args, work: Path) -> list[dict]:
 
 
 def training(server: MotoServer, args, work: Path) -> list[dict]:
+    """train/main.py from disk and from s3:// with a cold cache, interleaved over --train-rounds."""
     rows = []
-    for name, shards, extra in (("train disk", args.shards, []),
-                                ("train s3 cold", URL, ["--cache-dir", str(_fresh(work / "train"))])):
-        mark, t0 = server.mark(), time.perf_counter()
-        r = train_rate("dali", work / "run", shards, args.res, args.batch_size, args.train_steps, log_every=5, ranks=2,
-                       train_args=extra)
-        rows.append({"config": name, "samples_per_s": r["samples_per_s"], "wall_s": round(time.perf_counter() - t0, 1),
-                     "shard_gets": sum(server.gets(mark, BUCKET, PREFIX + "/").values())})
-        print(json.dumps(rows[-1]), flush=True)
+    for rnd in range(args.train_rounds):
+        for name, shards, extra in (("train disk", args.shards, []),
+                                    ("train s3 cold", URL, ["--cache-dir", str(_fresh(work / "train"))])):
+            mark, t0 = server.mark(), time.perf_counter()
+            r = train_rate("dali", work / "run", shards, args.res, args.batch_size, args.train_steps, log_every=5,
+                           ranks=2, train_args=extra)
+            rows.append({"config": name, "samples_per_s": r["samples_per_s"], "wall_s": round(time.perf_counter() - t0, 1),
+                         "shard_gets": sum(server.gets(mark, BUCKET, PREFIX + "/").values()), "round": rnd})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -172,9 +175,11 @@ def report(results: list[dict], train: list[dict], quarter: int) -> None:
         print(f"{name:18s} {m['samples_per_s']:10,.0f} {m['samples_per_s'] / disk['samples_per_s']:8.2f} {m['wall_s']:7.2f} "
               f"{disk['wall_s'] / m['wall_s']:8.2f} {cpu:8.2f} ({m['server_cpu_s']:4.2f}) {disk_cpu / cpu:8.2f} "
               f"{m['shard_gets']:11.0f}  " + (f"{m['peak'] / 1e6:.2f} MB of {quarter / 1e6:.2f}" if name.endswith("quarter") else ""))
-    for t in train:
-        print(f"{t['config']:18s} {t['samples_per_s']:10,.1f} {t['samples_per_s'] / train[0]['samples_per_s']:8.2f} "
-              f"{t['wall_s']:7.1f} {train[0]['wall_s'] / t['wall_s']:8.2f} {t['shard_gets']:11d}")
+    for name in dict.fromkeys(t["config"] for t in train):
+        m, d = ({k: statistics.median(t[k] for t in train if t["config"] == c) for k in ("samples_per_s", "wall_s", "shard_gets")}
+                for c in (name, "train disk"))
+        print(f"{name:18s} {m['samples_per_s']:10,.1f} {m['samples_per_s'] / d['samples_per_s']:8.2f} {m['wall_s']:7.1f} "
+              f"{d['wall_s'] / m['wall_s']:8.2f} {'':17s} {m['shard_gets']:11.0f}")
     print("(medians of the rounds; 'wall s' and 'CPU s' are the whole row's, the loader's build and the downloads "
           "of a cold cache included, CPU of this process and the server's; their ratios are disk / s3)")
 
@@ -188,6 +193,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="rounds of every row, interleaved (default: 3)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="threads / processes (default: all cores)")
     p.add_argument("--train-steps", type=int, default=0, help="also train this many steps from disk and s3 (default: 0)")
+    p.add_argument("--train-rounds", type=int, default=2, help="rounds of the two training runs (default: 2)")
     p.add_argument("--uncached-batches", type=int, default=0,
                    help="also time DALI reading s3:// itself, over this many batches (slow; default: 0, not run)")
     args = p.parse_args()
