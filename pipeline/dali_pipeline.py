@@ -231,9 +231,10 @@ class DaliLoader:
         device_id = (torch.device(device).index or 0) if gpu else None
         hints = {"hw_decoder_load": hw_decoder_load, "size_hint": stored_size(plan)} if gpu else {}
         # Different augmentation per rank; the reader's sharding does not depend on the seed.
-        pipe = depthseg_pipeline(plan, res, aug, gpu, **hints, source=source, batch_size=plan.batch_size,
-                                 num_threads=threads, device_id=device_id, seed=seed * 1000 + plan.rank,
-                                 prefetch_queue_depth=2, enable_checkpointing=plan.train, checkpoint=state)
+        pipe = depthseg_pipeline(plan, res, aug, gpu, **hints, source=source.feed() if source else None,
+                                 batch_size=plan.batch_size, num_threads=threads, device_id=device_id,
+                                 seed=seed * 1000 + plan.rank, prefetch_queue_depth=2, enable_checkpointing=plan.train,
+                                 checkpoint=state)
         self.device = torch.device(device)
         # A source ends each epoch itself, with full batches (validation's padded by repeats).
         policy = LastBatchPolicy.PARTIAL if source else LastBatchPolicy.DROP if plan.train else LastBatchPolicy.FILL

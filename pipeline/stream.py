@@ -222,6 +222,12 @@ class StreamSource:
             self._release_before(self._at)  # the consumer may have moved past it meanwhile
             self._cond.notify_all()
 
+    def feed(self) -> "_Feed":
+        """What to give DALI's external_source: DALI's graph keeps its callable in reference
+        cycles until some later garbage collection, so it gets only a weak reference, and the
+        loader that owns this source frees it (and its pins) as soon as the loader goes."""
+        return _Feed(weakref.ref(self))
+
     def fail(self, e: BaseException) -> None:
         with self._cond:
             self._error = e
@@ -235,6 +241,17 @@ class StreamSource:
         self._stop.set()
         with self._cond:
             self._release_before((1 << 62, 0))
+
+
+class _Feed:
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __call__(self, info):
+        source = self.ref()
+        if source is None:  # the loader is gone; DALI may still be running ahead
+            raise StopIteration
+        return source(info)
 
 
 def _prefetch(ref) -> None:

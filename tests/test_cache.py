@@ -344,6 +344,18 @@ def test_streaming_resumes_exactly_from_its_state(s3_env, many, tmp_path):
     assert [first] + epochs(resumed)[0] == whole[1] and epochs(resumed) == whole[2:]
 
 
+def test_a_dropped_streaming_loader_leaves_its_room(s3_env, many, tmp_path):
+    """A trainer's next --res stage builds new loaders on the same budget: the last stage's, gone,
+    hold no pins (the prefetch thread keeps only a weak reference to its source)."""
+    kw = {**KW, "cache_dir": tmp_path, "cache_limit": 300_000}
+    first = build_loader(many, **kw)
+    epochs(first)  # now it pins the next epoch's first groups: the first shards
+    del first
+    t0 = time.time()  # rank 1 of 2 reads the last shards: it needs room of its own
+    assert len(epochs(build_loader(many, **{**kw, "res": 48, "rank": 1, "world_size": 2}))[0]) == 7
+    assert time.time() - t0 < 30  # not the wait for room that others' pins hold
+
+
 def test_the_store_going_away_mid_epoch(exact_shards, tmp_path, monkeypatch):
     """A server of its own, stopped mid-epoch: a set in the cache trains on as if nothing
     happened; a streamed one stops with one sentence in bounded time."""
