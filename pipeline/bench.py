@@ -25,10 +25,12 @@ def _sync(device: str) -> None:
 
 def bench_loader(shards: str, loader: str, device: str = "cpu", res: int = 224, batch_size: int = 64,
                  batches: int = 50, warmup: int = 5, workers: int | None = None, augment: bool = True,
-                 rotate_interp: str = "linear", hw_decoder_load: float | None = None) -> dict:
+                 rotate_interp: str = "linear", hw_decoder_load: float | None = None, cache_dir: str | None = None,
+                 cache_limit: str | int | None = None) -> dict:
     aug = Augment(rotate_interp=rotate_interp) if augment else Augment.off()
     it = build_loader(shards, split="train", res=res, batch_size=batch_size, loader=loader, device=device,
-                      augment=aug, workers=workers, hw_decoder_load=hw_decoder_load if loader == "dali" else None)
+                      augment=aug, workers=workers, hw_decoder_load=hw_decoder_load if loader == "dali" else None,
+                      cache_dir=cache_dir, cache_limit=cache_limit)
     stream = itertools.chain.from_iterable(iter(it) for _ in itertools.count())  # epochs back to back
     for _ in range(warmup):
         next(stream)

@@ -55,6 +55,19 @@ def user_errors(fn):
     return wrapper
 
 
+CACHE_DIR_HELP = ("Node-local cache of s3:// shards, shared by the node's processes; off = none (DALI then reads "
+                  "the store itself, slowly). (default: $DEPTHSEG_CACHE_DIR, else $XDG_CACHE_HOME/depthseg/shards, "
+                  "~/.cache/depthseg/shards)")
+CACHE_LIMIT_HELP = ("Bytes the shard cache may hold, e.g. 500MB or 20GB; a set larger than this is streamed through "
+                    "it. (default: $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 % of the disk)")
+
+
+def cache_options(fn):
+    """--cache-dir and --cache-limit, for the commands that read shards."""
+    fn = click.option("--cache-limit", default="", help=CACHE_LIMIT_HELP)(fn)
+    return click.option("--cache-dir", default="", help=CACHE_DIR_HELP)(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
     """depthseg: foreground mask + monocular depth, from dataset to predictions."""
@@ -115,15 +128,17 @@ def shard_cmd(src, **kw):
 @click.argument("folder", type=click.Path(), default="shards")  # or s3://bucket/prefix
 @click.option("--decode", is_flag=True, help="Also decode every image.")
 @click.option("--workers", default=CPUS, show_default=True, help="Worker processes.")
+@cache_options
 @user_errors
-def verify_cmd(folder, decode, workers):
+def verify_cmd(folder, decode, workers, cache_dir, cache_limit):
     """Check a shard folder (or s3://bucket/prefix) against its manifest: files, sizes, sha256,
-    index files, sample counts and members. Names the first bad shard and exits 1."""
+    index files, sample counts and members. Names the first bad shard and exits 1. From s3://,
+    shards are checked in the node's shard cache, fetched into it if missing (when the set fits)."""
     from pipeline.verify import verify
 
-    r = verify(folder, decode=decode, workers=workers)
+    r = verify(folder, decode=decode, workers=workers, cache_dir=cache_dir, cache_limit=cache_limit)
     click.echo(f"ok: {r['shards']} shards, {r['samples']:,} samples, {r['bytes'] / 1e6:,.1f} MB"
-               + (", every image decoded" if r["decoded"] else ""))
+               + (", every image decoded" if r["decoded"] else "") + (f", in the shard cache {r['cache']}" if r["cache"] else ""))
 
 
 @main.command("upload")
@@ -187,6 +202,7 @@ def _onnx_device(name: str) -> str:
               help="Interpolation of bg and fg_bg when rotated (mask and depth: always nearest).")
 @click.option("--hw-decoder-load", type=click.FloatRange(0, 1), help="dali on a GPU: share of JPEGs for the hardware decoder. (default: 0.9)")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per loader, for scripts.")
+@cache_options
 @user_errors
 def bench_cmd(loader, as_json, **kw):
     """Time a loader on the train split: samples/s and images/s after warm-up."""
@@ -222,8 +238,10 @@ def bench_cmd(loader, as_json, **kw):
               "fast (GPUs, CPUs with AMX), else float32.")
 @click.option("--baseline", is_flag=True, help="Also score the non-learned baselines (mask: |fg_bg - bg| > t, t "
               "chosen on the train split; depth: the train split's mean map) and compare in the last line.")
+@cache_options
 @user_errors
-def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_json, bf16, baseline):
+def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_json, bf16, baseline, cache_dir,
+                 cache_limit):
     """Print the metric table (rows Mask, Depth, Avg) of a checkpoint over a split."""
     import json
 
@@ -236,7 +254,9 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
     device = _device(device)
     ckpt = load(ckpt_path)
     res = res or ckpt["res"]
-    data = build_loader(shards, split=split, res=res, batch_size=batch_size, loader=loader, device=device, train=False)
+    common = {"res": res, "batch_size": batch_size, "loader": loader, "device": device, "train": False,
+              "cache_dir": cache_dir, "cache_limit": cache_limit}
+    data = build_loader(shards, split=split, **common)
     from train.losses import LossWeights
 
     saved = ckpt.get("settings", {})  # the run's own loss, so the loss printed is the one it was trained on
@@ -248,8 +268,7 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
     if baseline:
         from train import baselines
 
-        fitted = baselines.fit(build_loader(shards, split="train", res=res, batch_size=batch_size, loader=loader,
-                                            device=device, train=False))
+        fitted = baselines.fit(build_loader(shards, split="train", **common))
         base = baselines.score(fitted, data)
         metrics.update({f"baseline/{k}": v for k, v in base.items()}, **{"baseline/threshold": fitted.threshold})
     if as_json:
@@ -263,6 +282,44 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
     click.echo(f"{split}: {int(metrics['samples']):,} samples at {res}px, loss {metrics['loss']:.4f}, "
                f"mask IoU {metrics['mask/iou']:.4f}{vs('mask/iou')}, depth rms {metrics['depth/rms']:.4f}"
                f"{vs('depth/rms')} ({ckpt['model']} model, step {ckpt['step']})")
+
+
+@main.group("cache")
+def cache_group():
+    """The node-local cache of s3:// shards: what it holds (show) and emptying it (clear)."""
+
+
+@cache_group.command("show")
+@click.option("--cache-dir", default="", help=CACHE_DIR_HELP)
+@click.option("--cache-limit", default="", help=CACHE_LIMIT_HELP)
+@user_errors
+def cache_show_cmd(cache_dir, cache_limit):
+    """One line per cached shard set (its s3:// prefix, shards, bytes, last use), then the total."""
+    import time
+
+    from pipeline.cache import Cache, mb
+
+    cache = Cache(cache_dir or None, cache_limit)
+    sets = cache.show()
+    for r in sets:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"])) if r["last_used"] else "never"
+        click.echo(f"{r['url']} ({r['endpoint']}): {r['shards']} shards, {mb(r['bytes'])}, last used {used}"
+                   + (", in use" if r["in_use"] else "") + f"  [{r['dir']}]")
+    click.echo(f"{cache.root}: {len(sets)} shard set(s), {mb(cache.used())} of a {mb(cache.limit)} budget")
+
+
+@cache_group.command("clear")
+@click.argument("url", required=False)
+@click.option("--cache-dir", default="", help=CACHE_DIR_HELP)
+@user_errors
+def cache_clear_cmd(url, cache_dir):
+    """Remove the cached shards (of URL only, if given) that no running loader uses."""
+    from pipeline.cache import Cache, mb
+
+    cache = Cache(cache_dir or None, 0)
+    removed, kept = cache.clear(url)
+    click.echo(f"removed {removed} shard(s) from {cache.root}" + (f" ({url})" if url else "")
+               + (f"; kept {kept} in use" if kept else "") + f"; it now holds {mb(cache.used())}")
 
 
 @main.command("predict")

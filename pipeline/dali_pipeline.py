@@ -136,16 +136,24 @@ def _photometric(img, d: dict, aug: Augment, bank, res: int):
     return img
 
 
-@pipeline_def(enable_conditionals=True)
-def depthseg_pipeline(plan: Plan, res: int, aug: Augment, gpu: bool, hw_decoder_load: float = HW_DECODER_LOAD,
-                      size_hint: tuple[int, int] = (0, 0)):
-    """Shards → bg (3), fg_bg (3), labels (mask and depth, 2): float CHW in [0, 1]. On the GPU,
-    size_hint (width, height of the stored images) lets the hardware decoder allocate once."""
-    raw = fn.readers.webdataset(
+def _read(plan: Plan, source):
+    """The encoded images of each sample: DALI's reader over the plan's files, or `source` (a
+    pipeline.stream.StreamSource) called with each batch's BatchInfo."""
+    if source is not None:
+        return fn.external_source(source=source, num_outputs=len(ROLES), batch=True, batch_info=True, dtype=types.UINT8)
+    return fn.readers.webdataset(
         paths=plan.tars, index_paths=plan.indexes, ext=[f"{r}.jpg;{r}.png" for r in ROLES],
         missing_component_behavior="error", name=READER, shard_id=plan.rank, num_shards=plan.world_size,
         random_shuffle=plan.train, initial_fill=min(SHUFFLE_BUFFER, plan.largest_part), stick_to_shard=not plan.train,
         pad_last_batch=not plan.train)
+
+
+@pipeline_def(enable_conditionals=True)
+def depthseg_pipeline(plan: Plan, res: int, aug: Augment, gpu: bool, hw_decoder_load: float = HW_DECODER_LOAD,
+                      size_hint: tuple[int, int] = (0, 0), source=None):
+    """Shards → bg (3), fg_bg (3), labels (mask and depth, 2): float CHW in [0, 1]. On the GPU,
+    size_hint (width, height of the stored images) lets the hardware decoder allocate once."""
+    raw = _read(plan, source)
     device = "mixed" if gpu else "cpu"
     hw = {"hw_decoder_load": hw_decoder_load, "preallocate_width_hint": size_hint[0],
           "preallocate_height_hint": size_hint[1]} if gpu else {}
@@ -200,7 +208,7 @@ def dali_errors(plan: Plan):
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0] if lines else "?"
         cause = cause.lstrip(": ")
-        shards = plan.tars[0].rsplit("/", 1)[0]  # a folder or an s3:// prefix
+        shards = plan.shards or plan.tars[0].rsplit("/", 1)[0]  # a folder or an s3:// prefix
         if "readers.webdataset" in str(e) and (missing := gone(plan)):
             raise LoaderError(f"DALI could not read {missing[0]}, which no longer exists; "
                               f"run `depthcli verify {shards}`.") from None
@@ -211,22 +219,27 @@ def dali_errors(plan: Plan):
 
 
 class DaliLoader:
-    """The batch contract over a DALI pipeline; see pipeline.loaders for the epoch rules."""
+    """The batch contract over a DALI pipeline; see pipeline.loaders for the epoch rules. With a
+    `source` (shards streamed through the cache) the pipeline reads from it instead of its reader,
+    and state() also records the source's group_bytes, on which its order depends."""
 
     def __init__(self, plan: Plan, res: int, aug: Augment, device: str, seed: int, threads: int,
-                 hw_decoder_load: float = HW_DECODER_LOAD, state=None):
-        self.plan = plan
+                 hw_decoder_load: float = HW_DECODER_LOAD, state=None, source=None):
+        self.plan, self.source = plan, source
+        state = state["dali"] if isinstance(state, dict) else state
         gpu = device.startswith("cuda")
         device_id = (torch.device(device).index or 0) if gpu else None
         hints = {"hw_decoder_load": hw_decoder_load, "size_hint": stored_size(plan)} if gpu else {}
         # Different augmentation per rank; the reader's sharding does not depend on the seed.
-        pipe = depthseg_pipeline(plan, res, aug, gpu, **hints, batch_size=plan.batch_size, num_threads=threads,
-                                 device_id=device_id, seed=seed * 1000 + plan.rank, prefetch_queue_depth=2,
-                                 enable_checkpointing=plan.train, checkpoint=state)
+        pipe = depthseg_pipeline(plan, res, aug, gpu, **hints, source=source.feed() if source else None,
+                                 batch_size=plan.batch_size, num_threads=threads, device_id=device_id,
+                                 seed=seed * 1000 + plan.rank, prefetch_queue_depth=2, enable_checkpointing=plan.train,
+                                 checkpoint=state)
         self.device = torch.device(device)
-        policy = LastBatchPolicy.DROP if plan.train else LastBatchPolicy.FILL
+        # A source ends each epoch itself, with full batches (validation's padded by repeats).
+        policy = LastBatchPolicy.PARTIAL if source else LastBatchPolicy.DROP if plan.train else LastBatchPolicy.FILL
         with dali_errors(plan):  # the iterator runs the first batches already
-            self.iterator = DALIGenericIterator(pipe, ["bg", "fg_bg", "labels"], reader_name=READER,
+            self.iterator = DALIGenericIterator(pipe, ["bg", "fg_bg", "labels"], reader_name=None if source else READER,
                                                 last_batch_policy=policy, auto_reset=True)
 
     def __len__(self) -> int:
@@ -235,7 +248,10 @@ class DaliLoader:
     def state(self):
         """DALI's checkpoint of the reader's position and of every random draw, after the batches
         handed out so far; given back as `state`, the loader goes on exactly from there."""
-        return self.iterator.checkpoints()[0] if self.plan.train else None
+        if not self.plan.train:
+            return None
+        state = self.iterator.checkpoints()[0]
+        return {"dali": state, "group_bytes": self.source.group_bytes} if self.source else state
 
     def __iter__(self):
         with dali_errors(self.plan):

@@ -29,6 +29,9 @@ class Plan:
     world_size: int
     batch_size: int
     train: bool
+    shards: str = ""  # the folder or s3:// prefix it was made from (tars may be cached copies)
+    entries: tuple = ()  # the split's manifest entries, each with "index_bytes" (the index's size) added
+    set_bytes: int = 0  # tars and indexes of every split: what caching the whole set takes
 
     @property
     def part(self) -> tuple[int, int]:
@@ -67,7 +70,8 @@ def plan(shards: str | os.PathLike, split: str, batch_size: int, rank: int, worl
     pipeline.store."""
     manifest = read_manifest(shards)
     entries = split_shards(manifest, split)
-    sizes = _sizes(shards, [e[k] for e in entries for k in ("tar", "index")])
+    every = [e[k] for v in manifest["splits"].values() for e in v.get("shards", []) for k in ("tar", "index")]
+    sizes = _sizes(shards, every)
     for e in entries:  # cheap checks here, so a damaged set fails now and not inside DALI
         for name in (e["tar"], e["index"]):
             if name not in sizes:
@@ -78,7 +82,8 @@ def plan(shards: str | os.PathLike, split: str, batch_size: int, rank: int, worl
     if store.is_remote(shards):
         store.use_with_webdataset()
     p = Plan([store.join(shards, e["tar"]) for e in entries], [store.join(shards, e["index"]) for e in entries],
-             [e["samples"] for e in entries], sum(e["samples"] for e in entries), rank, world_size, batch_size, train)
+             [e["samples"] for e in entries], sum(e["samples"] for e in entries), rank, world_size, batch_size, train,
+             str(shards), tuple({**e, "index_bytes": sizes[e["index"]]} for e in entries), sum(sizes.get(n, 0) for n in every))
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
     if p.batches == 0 or p.samples < world_size:

@@ -46,18 +46,25 @@ def split(url: str) -> tuple[str, str]:
 
 
 _clients: dict = {}
+# Whole-shard downloads (pipeline.cache): parts of this size, several at once, for large shards.
+PART_BYTES = 32 << 20
+DOWNLOAD_THREADS = 8
 
 
-def client():
-    """One boto3 client per process (clients must not cross a fork: DataLoader workers, pools)."""
-    pid = os.getpid()
-    if pid not in _clients:
+def client(kind: str = "plain"):
+    """One boto3 client of each kind per process (clients must not cross a fork: DataLoader
+    workers, pools). "transfer": for downloads whose sha256 the caller checks itself, so a
+    download starts with its first ranged GET instead of a HEAD (botocore's own checksums off)."""
+    key = (os.getpid(), kind)
+    if key not in _clients:
         import boto3
         from botocore.config import Config
 
-        _clients.clear()
-        _clients[pid] = boto3.session.Session().client("s3", config=Config(**TIMEOUTS))
-    return _clients[pid]
+        if {k[0] for k in _clients} - {key[0]}:
+            _clients.clear()
+        extra = {"response_checksum_validation": "when_required", "max_pool_connections": 2 * DOWNLOAD_THREADS}
+        _clients[key] = boto3.session.Session().client("s3", config=Config(**TIMEOUTS, **(extra if kind == "transfer" else {})))
+    return _clients[key]
 
 
 def endpoint() -> str:
@@ -68,6 +75,7 @@ def endpoint() -> str:
 def errors(url: str):
     """boto3's exceptions as one sentence each."""
     from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+    from s3transfer.exceptions import RetriesExceededError as S3TransferError
 
     try:
         yield
@@ -89,6 +97,28 @@ def errors(url: str):
         raise StoreError(f"the object store at {endpoint()} does not answer; check AWS_ENDPOINT_URL.") from None
     except BotoCoreError as e:  # timeouts, bad endpoint URLs, ...
         raise StoreError(f"the object store at {endpoint()} failed for {url} ({e}).") from None
+    except S3TransferError as e:  # s3transfer's retries of a broken stream, spent
+        cause = getattr(e, "last_exception", None) or e
+        raise StoreError(f"the object store at {endpoint()} failed for {url} ({cause}).") from None
+
+
+def download(url: str, fileobj, size: int = 0) -> None:
+    """The whole object into fileobj.write(), in order: one streamed GET, or, for an object of
+    `size` PART_BYTES or more, ranged GETs of PART_BYTES in parallel (boto3's transfer manager;
+    fileobj is not seekable, so it puts the parts back in order and the caller can hash what it
+    writes). A transfer manager per object costs more CPU than a small object's GET itself."""
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, key = split(url)
+    with errors(url):
+        if size < PART_BYTES:
+            body = client("transfer").get_object(Bucket=bucket, Key=key)["Body"]
+            for chunk in body.iter_chunks(1 << 20):
+                fileobj.write(chunk)
+            return
+        config = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
+                                max_concurrency=DOWNLOAD_THREADS, num_download_attempts=TIMEOUTS["retries"]["total_max_attempts"])
+        client("transfer").download_fileobj(bucket, key, fileobj, Config=config)
 
 
 def read_bytes(url: str) -> bytes:

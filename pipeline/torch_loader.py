@@ -294,6 +294,7 @@ class IndexedSamples:
         self.indexes = dict(zip(plan.tars, plan.indexes))
         self.starts = dict(zip(plan.tars, plan.starts))
         self.part = plan.part
+        self.origin = plan.shards  # what to verify: the tars may be cached copies of s3:// shards
 
     def __call__(self, src):
         for item in src:
@@ -311,7 +312,7 @@ class IndexedSamples:
                     pos = offset + size
                 yield sample
         except OSError as e:  # a failing disk; a store's failures are StoreErrors naming the object already
-            raise LoaderError(f"could not read {url} ({e.strerror or e}); run `depthcli verify {_folder(url)}`.") from None
+            raise LoaderError(f"could not read {url} ({e.strerror or e}); run `depthcli verify {self.origin}`.") from None
         finally:
             stream.close()
 
@@ -320,17 +321,17 @@ class IndexedSamples:
         header = _skip(stream, gap)
         data = stream.read(size)
         if len(data) != size:
-            raise LoaderError(f"could not read {url} (it ends inside {name}); run `depthcli verify {_folder(url)}`.")
+            raise LoaderError(f"could not read {url} (it ends inside {name}); run `depthcli verify {self.origin}`.")
         want = name.encode()
         if len(want) <= 100 and header[-512:-412].rstrip(b"\0") != want:  # a longer name has a header of its own first
-            raise LoaderError(f"{self.indexes[url]} does not agree with {url}; run `depthcli verify {_folder(url)}`.")
+            raise LoaderError(f"{self.indexes[url]} does not agree with {url}; run `depthcli verify {self.origin}`.")
         return data
 
     def _open(self, url: str):
         try:
             return gopen(url)  # a file, or through pipeline.store for s3://
         except OSError as e:
-            raise LoaderError(f"could not read {url} ({e.strerror or e}); run `depthcli verify {_folder(url)}`.") from None
+            raise LoaderError(f"could not read {url} ({e.strerror or e}); run `depthcli verify {self.origin}`.") from None
 
     def _index(self, url: str) -> list[list[tuple[str, int, int]]]:
         idx = self.indexes[url]
@@ -338,7 +339,7 @@ class IndexedSamples:
         try:
             return parse_index(idx, stream.read().decode())
         except (ValueError, UnicodeDecodeError) as e:
-            raise LoaderError(f"could not read {idx} ({e}); run `depthcli verify {_folder(url)}`.") from None
+            raise LoaderError(f"could not read {idx} ({e}); run `depthcli verify {self.origin}`.") from None
         finally:
             stream.close()
 
@@ -352,10 +353,6 @@ def _skip(stream, n: int) -> bytes:
             break
         last, n = (last + piece)[-512:], n - len(piece)
     return last
-
-
-def _folder(url: str) -> str:
-    return url.rsplit("/", 1)[0]
 
 
 class TorchLoader:

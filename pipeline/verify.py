@@ -1,12 +1,17 @@
 """Check a shard folder against its manifest.
 
     depthcli verify shards/ [--decode]
-    depthcli verify s3://bucket/prefix        # streams each shard once from the store
+    depthcli verify s3://bucket/prefix        # each shard fetched into the node's shard cache once
 
 Every shard present with the manifest's size and sha256; its index agrees with the tar member for
 member (name, data offset, size); sample counts match; every sample has its four images (jpg or
 png, as the bytes say) and its json. `--decode` also decodes every image. Stops at the first bad
 shard and names it.
+
+From s3://, when the set fits the shard cache's budget, shards are checked as the loaders will
+read them: fetched into the cache (sha256 checked on the way) unless already there, then checked
+there, so that training after it reads nothing from the store; `--cache-dir off` (or a set too
+large for the budget) streams each shard from the store instead.
 """
 
 from __future__ import annotations
@@ -62,8 +67,11 @@ def _check_sample(key: str, members: dict[str, bytes], decode: bool) -> None:
         raise BadSample(f"sample {key}: its json is not valid") from None
 
 
-def verify_shard(folder: Path | str, entry: dict, decode: bool) -> str | None:
-    """None when the shard is good, else what is wrong with it. `folder` may be an s3:// prefix."""
+def verify_shard(folder: Path | str, entry: dict, decode: bool, cache: tuple | None = None) -> str | None:
+    """None when the shard is good, else what is wrong with it. `folder` may be an s3:// prefix;
+    then `cache` (root, limit) checks the shard in the node's shard cache, fetched if missing."""
+    if store.is_remote(folder) and cache is not None:
+        return _verify_cached(folder, entry, decode, cache)
     if store.is_remote(folder):
         url = store.join(folder, entry["tar"])
         try:
@@ -79,6 +87,22 @@ def verify_shard(folder: Path | str, entry: dict, decode: bool) -> str | None:
         return f"{tar_path.name} has {tar_path.stat().st_size} bytes, the manifest says {entry['bytes']}"
     with open(tar_path, "rb") as f:
         return _verify_stream(f, idx_path, entry, decode)
+
+
+def _verify_cached(folder: str, entry: dict, decode: bool, cache: tuple) -> str | None:
+    from pipeline.cache import Cache, Shard
+    from pipeline.fetch import BadShard, ShardSet
+
+    shard = Shard(entry["tar"], entry["index"], entry["bytes"], entry["index_bytes"], entry["sha256"], entry["samples"])
+    sset = ShardSet(Cache(*cache), str(folder), [shard])
+    try:
+        sset.fetch(shard)
+    except BadShard as e:
+        return e.problem
+    except store.StoreError as e:
+        return str(e).rstrip(".")
+    with open(sset.tar(shard), "rb") as f:
+        return _verify_stream(f, sset.index(shard), entry, decode)
 
 
 def _verify_stream(f, idx_path: Path | str, entry: dict, decode: bool) -> str | None:
@@ -125,7 +149,24 @@ def _verify_star(args):
     return args[1]["tar"], verify_shard(*args)
 
 
-def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cpu_count() or 1) -> dict:
+def _through_cache(folder: str, entries: list[dict], cache_dir, cache_limit):
+    """(root, limit) of the shard cache for an s3:// set that fits it, and a pin on the set; else None."""
+    if not store.is_remote(folder) or str(cache_dir).lower() == "off":
+        return None, None
+    from pipeline.cache import Cache
+    from pipeline.fetch import ShardSet
+
+    sizes = store.sizes(str(folder))
+    for e in entries:
+        e["index_bytes"] = sizes.get(e["index"], 0)
+    cache = Cache(cache_dir or None, cache_limit)
+    if sum(e["bytes"] + e["index_bytes"] for e in entries) > cache.limit:
+        return None, None
+    return (str(cache.root), cache.limit), ShardSet(cache, str(folder), []).pin_set()
+
+
+def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cpu_count() or 1,
+           cache_dir: str | None = None, cache_limit: str | int | None = None) -> dict:
     """Raise VerifyError naming the first bad shard; return a summary when all are good."""
     folder = folder if store.is_remote(folder) else Path(folder)
     manifest = read_manifest(folder)
@@ -138,10 +179,14 @@ def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cp
     if t["packed"] + t["skipped"] != t["found"] or t["skipped"] != len(manifest["skipped"]):
         raise VerifyError("the manifest's totals do not add up (packed + skipped != found).")
     sizes = {e["tar"]: e["bytes"] for e in entries}
+    cache, pin = _through_cache(folder, entries, cache_dir, cache_limit)
     with worker_pool(min(workers, len(entries)), __name__) as pool, \
             tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify") as bar:
-        for name, problem in ordered(pool, _verify_star, [(folder, e, decode) for e in entries], window=64):
+        for name, problem in ordered(pool, _verify_star, [(folder, e, decode, cache) for e in entries], window=64):
             if problem:
                 raise VerifyError(f"bad shard {name}: {problem}.")
             bar.update(sizes[name])
-    return {"shards": len(entries), "samples": t["packed"], "bytes": sum(sizes.values()), "decoded": decode}
+    if pin is not None:
+        pin.close()
+    return {"shards": len(entries), "samples": t["packed"], "bytes": sum(sizes.values()), "decoded": decode,
+            "cache": cache[0] if cache else None}

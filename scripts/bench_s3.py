@@ -1,40 +1,187 @@
-"""Loaders reading shards from a local S3-compatible server against the same shards on local
-disk, in one run: moto's standalone server in its own process on 127.0.0.1, `depthcli upload`,
-then `depthcli bench` (pipeline.bench) on the folder and on s3:// for both loaders.
+"""Loaders and training reading shards from a local S3-compatible server against the same shards
+on local disk, in one run: the goals of the node-local shard cache (issue 17) as ratios.
 
-    python scripts/bench_s3.py --shards shards/ --res 64 --batch-size 16 --batches 20
+    python scripts/bench_s3.py --shards /tmp/s3bench/shards --res 64 --batch-size 16 --batches 150 \
+        --rounds 3 --train-steps 40 --train-rounds 2
 
-moto is a test server written in Python, not a storage system: the ratio shows how a loader
-behaves when every read is a request (how many it makes), not what a real store would give.
+moto's standalone server in its own process on 127.0.0.1 (scripts/s3_server.py), `depthcli
+upload`, then per round, configurations interleaved, pipeline.bench.bench_loader (what `depthcli
+bench` runs: samples/s over --batches after 2 warm-up batches, full augmentation), with the wall
+time of the loader's build and those batches (for a cold cache, the downloads are in the build)
+and the shard GETs that moto's request log counts:
+
+    dali disk              the baseline
+    dali s3 cold           a fresh cache that the set fits: fetched whole, then DALI reads files
+    dali s3 warm           the same cache again (a second epoch, or run): no GETs
+    dali s3 quarter        a budget of a quarter of the rank's part: streamed through the cache
+                           (pipeline.stream); the cache's size sampled every 5 ms, peak vs budget
+    torch disk / s3 cold / s3 warm / s3 off (--cache-dir off: each shard streamed with one GET,
+                           as before the cache)
+    dali s3 off            optional (--uncached-batches N): DALI reading s3:// itself
+
+Then, with --train-steps, train/main.py under torchrun (2 ranks sharing the node's cache) from
+disk and from s3:// with a cold cache, interleaved over --train-rounds: samples/s after the
+first logged interval and the wall time of the whole run. The CPU column counts this process's
+threads, so it is DALI's whole cost but not the torch loader's (its workers are processes). moto is a test server written in Python, not a storage system; it shares
+the CPU with the loaders here, so s3 rows also pay for the server's work.
 """
 
 import argparse
 import json
 import os
-import socket
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-import urllib.request
+from pathlib import Path
+
+from bench_train import train_rate
+from s3_server import MotoServer
 
 from pipeline.bench import bench_loader
+from pipeline.manifest import read_manifest
+
+BUCKET, PREFIX = "bench", "shards"
+URL = f"s3://{BUCKET}/{PREFIX}"
 
 
-def start_server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(150):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    sys.exit("moto_server did not start")
+class Peak:
+    """The largest total size of the files under a folder, sampled every few ms while it runs."""
+
+    def __init__(self, root: Path):
+        self.root, self.bytes, self._stop = root, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            total = 0
+            for dirpath, _, names in os.walk(self.root):
+                for n in names:
+                    try:
+                        total += os.stat(os.path.join(dirpath, n)).st_size
+                    except OSError:  # removed while counted
+                        pass
+            self.bytes = max(self.bytes, total)
+            time.sleep(0.005)
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._thread.join()
+
+
+def part_bytes(shards: str) -> int:
+    """Bytes of the train split's tars and indexes: a single rank's part."""
+    entries = read_manifest(shards)["splits"]["train"]["shards"]
+    return sum(e["bytes"] + os.path.getsize(Path(shards) / e["index"]) for e in entries)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one(server: MotoServer, name: str, loader: str, where: str, args, cache: dict) -> dict:
+    """One row: bench_loader's samples/s, and for the whole row (build included) its wall time,
+    the CPU seconds of this process (the loader's threads, its prefetch) and of the server."""
+    mark, cpu0, server0 = server.mark(), time.process_time(), cpu_seconds(server.proc.pid)
+    with Peak(Path(cache["cache_dir"])) if cache.get("cache_dir") not in (None, "off") else _nothing() as peak:
+        t0 = time.perf_counter()
+        r = bench_loader(where, loader, res=args.res, batch_size=args.batch_size, batches=args.batches, warmup=2,
+                         workers=args.workers, **cache)
+        wall = time.perf_counter() - t0
+    gets = server.gets(mark, BUCKET, PREFIX + "/")
+    return {"config": name, "samples_per_s": r["samples_per_s"], "wall_s": round(wall, 2), "shard_gets": sum(gets.values()),
+            "cpu_s": round(time.process_time() - cpu0, 2), "server_cpu_s": round(cpu_seconds(server.proc.pid) - server0, 2),
+            "peak_cache_bytes": peak.bytes if peak else None, "cache_limit": cache.get("cache_limit")}
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *_):
+        pass
+
+
+def configs(args, work: Path, quarter: int):
+    """(name, loader, shards, cache options) per row, fresh cache folders for the cold rows."""
+    cold = lambda tag: {"cache_dir": str(_fresh(work / tag))}  # noqa: E731
+    rows = [("dali disk", "dali", args.shards, {}),
+            ("dali s3 cold", "dali", URL, cold("dali")),
+            ("dali s3 warm", "dali", URL, {"cache_dir": str(work / "dali")}),
+            ("dali s3 quarter", "dali", URL, {**cold("quarter"), "cache_limit": quarter}),
+            ("torch disk", "torch", args.shards, {}),
+            ("torch s3 cold", "torch", URL, cold("torch")),
+            ("torch s3 warm", "torch", URL, {"cache_dir": str(work / "torch")}),
+            ("torch s3 off", "torch", URL, {"cache_dir": "off"})]
+    if args.uncached_batches:
+        rows.append(("dali s3 off", "dali", URL, {"cache_dir": "off"}))
+    return rows
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def loaders(server: MotoServer, args, work: Path) -> list[dict]:
+    quarter = part_bytes(args.shards) // 4
+    for loader in ("dali", "torch"):  # not counted: a process's first build pays for imports and constants
+        one(server, "warm-up", loader, args.shards, args, {})
+    results = []
+    for rnd in range(args.rounds):
+        for name, loader, where, cache in configs(args, work, quarter):
+            batches = args.uncached_batches if name == "dali s3 off" else args.batches
+            r = one(server, name, loader, where, argparse.Namespace(**{**vars(args), "batches": batches}), cache)
+            results.append({**r, "round": rnd})
+            print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def training(server: MotoServer, args, work: Path) -> list[dict]:
+    """train/main.py from disk and from s3:// with a cold cache, interleaved over --train-rounds."""
+    rows = []
+    for rnd in range(args.train_rounds):
+        for name, shards, extra in (("train disk", args.shards, []),
+                                    ("train s3 cold", URL, ["--cache-dir", str(_fresh(work / "train"))])):
+            mark, t0 = server.mark(), time.perf_counter()
+            r = train_rate("dali", work / "run", shards, args.res, args.batch_size, args.train_steps, log_every=5,
+                           ranks=2, train_args=extra)
+            rows.append({"config": name, "samples_per_s": r["samples_per_s"], "wall_s": round(time.perf_counter() - t0, 1),
+                         "shard_gets": sum(server.gets(mark, BUCKET, PREFIX + "/").values()), "round": rnd})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def report(results: list[dict], train: list[dict], quarter: int) -> None:
+    med = {}
+    for name in dict.fromkeys(r["config"] for r in results):
+        rs = [r for r in results if r["config"] == name]
+        med[name] = {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "wall_s", "shard_gets", "cpu_s",
+                                                                        "server_cpu_s")}
+        med[name]["peak"] = max((r["peak_cache_bytes"] or 0) for r in rs)
+    print("\nconfig              samples/s  vs disk  wall s  vs disk  CPU s (server)  vs disk  shard GETs  peak cache")
+    for name, m in med.items():
+        disk = med[f"{name.split()[0]} disk"]
+        cpu, disk_cpu = m["cpu_s"] + m["server_cpu_s"], disk["cpu_s"] + disk["server_cpu_s"]
+        print(f"{name:18s} {m['samples_per_s']:10,.0f} {m['samples_per_s'] / disk['samples_per_s']:8.2f} {m['wall_s']:7.2f} "
+              f"{disk['wall_s'] / m['wall_s']:8.2f} {cpu:8.2f} ({m['server_cpu_s']:4.2f}) {disk_cpu / cpu:8.2f} "
+              f"{m['shard_gets']:11.0f}  " + (f"{m['peak'] / 1e6:.2f} MB of {quarter / 1e6:.2f}" if name.endswith("quarter") else ""))
+    for name in dict.fromkeys(t["config"] for t in train):
+        m, d = ({k: statistics.median(t[k] for t in train if t["config"] == c) for k in ("samples_per_s", "wall_s", "shard_gets")}
+                for c in (name, "train disk"))
+        print(f"{name:18s} {m['samples_per_s']:10,.1f} {m['samples_per_s'] / d['samples_per_s']:8.2f} {m['wall_s']:7.1f} "
+              f"{d['wall_s'] / m['wall_s']:8.2f} {'':17s} {m['shard_gets']:11.0f}")
+    print("(medians of the rounds; 'wall s' and 'CPU s' are the whole row's, the loader's build and the downloads "
+          "of a cold cache included, CPU of this process and the server's; their ratios are disk / s3)")
 
 
 def main():
@@ -42,33 +189,28 @@ def main():
     p.add_argument("--shards", default="shards", help="a local shard folder (default: shards)")
     p.add_argument("--res", type=int, default=64, help="resolution (default: 64)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default: 16)")
-    p.add_argument("--batches", type=int, default=20, help="timed batches per loader (default: 20)")
+    p.add_argument("--batches", type=int, default=150, help="timed batches per row (default: 150)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every row, interleaved (default: 3)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="threads / processes (default: all cores)")
+    p.add_argument("--train-steps", type=int, default=0, help="also train this many steps from disk and s3 (default: 0)")
+    p.add_argument("--train-rounds", type=int, default=2, help="rounds of the two training runs (default: 2)")
+    p.add_argument("--uncached-batches", type=int, default=0,
+                   help="also time DALI reading s3:// itself, over this many batches (slow; default: 0, not run)")
     args = p.parse_args()
-    proc, url = start_server()
-    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    work = Path(tempfile.mkdtemp(prefix="bench-s3-"))
+    server = MotoServer(work / "requests.log")
+    os.environ.update(server.env())
     try:
         import boto3
 
-        boto3.client("s3").create_bucket(Bucket="bench")
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "upload", args.shards, "s3://bench/shards"], check=True)
-        rows = []
-        for loader in ("torch", "dali"):
-            for where in (args.shards, "s3://bench/shards"):
-                t0 = time.perf_counter()
-                r = bench_loader(where, loader, res=args.res, batch_size=args.batch_size, batches=args.batches,
-                                 warmup=2, workers=args.workers)
-                r.update(shards=where, wall_s=round(time.perf_counter() - t0, 1))  # with pipeline build
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-        for local, s3 in zip(rows[0::2], rows[1::2]):
-            print(f"{local['loader']:5s}: disk {local['samples_per_s']:,.0f} samples/s, s3 {s3['samples_per_s']:,.0f} "
-                  f"samples/s, s3 / disk = {s3['samples_per_s'] / local['samples_per_s']:.2f} "
-                  f"(wall with build: {local['wall_s']} s vs {s3['wall_s']} s)")
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "upload", args.shards, URL], check=True)
+        results = loaders(server, args, work)
+        train = training(server, args, work) if args.train_steps else []
+        report(results, train, part_bytes(args.shards) // 4)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """Small data made on the fly: a procedural dataset, its shards, and a hand-made layout whose mask
-marks exactly where fg_bg differs from bg (lossless PNG), for the synchronization tests."""
+marks exactly where fg_bg differs from bg (lossless PNG), for the synchronization tests; a local
+S3-compatible server with the shards uploaded, and its request log. Every test's shard cache is
+under the session's temporary folder (DEPTHSEG_CACHE_DIR), never the user's."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -19,6 +25,13 @@ from pipeline.make_dataset import MakeSettings, make_dataset
 from pipeline.shard import ShardSettings, shard
 
 ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "depthseg"
+CACHE = Path(tempfile.mkdtemp(prefix="depthseg-test-cache-"))
+os.environ["DEPTHSEG_CACHE_DIR"] = str(CACHE)  # subprocesses (torchrun) inherit it
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
@@ -122,3 +135,97 @@ def run_script(script: Path, *args: str, timeout: float) -> subprocess.Completed
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+# --- a local S3-compatible server --------------------------------------------------------------
+
+def _s3_server_module():
+    """scripts/s3_server.py (MotoServer, free_port): the benchmarks' server is the tests' too."""
+    spec = importlib.util.spec_from_file_location("s3_server", ROOT / "scripts" / "s3_server.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_server = _s3_server_module()
+MotoServer, free_port = _server.MotoServer, _server.free_port
+
+
+def server_env(server: MotoServer, auth: bool) -> dict:
+    """AWS settings for the server, with a user and key made through its IAM when `auth`, and
+    the bucket made."""
+    import boto3
+
+    env = server.env()
+    if auth:  # the first 3 requests, unauthenticated, make a user and its key
+        iam = boto3.client("iam", endpoint_url=server.url, region_name="us-east-1", aws_access_key_id="x",
+                           aws_secret_access_key="x")
+        iam.create_user(UserName="trainer")
+        iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="trainer")["AccessKey"]
+        env = server.env(key["AccessKeyId"], key["SecretAccessKey"])
+    boto3.client("s3", endpoint_url=server.url, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
+    return env
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    """The session's server, with IAM checks on."""
+    pytest.importorskip("moto", reason="needs moto[server] (pip install -e '.[dev]') for a local S3 server")
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "requests.log", auth=True)
+    try:
+        server.env = server_env(server, auth=True)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(moto) -> dict:
+    return moto.env
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    from pipeline import store
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(store, "_clients", {})  # a client made with these settings
+    return s3_server
+
+
+def upload(env: dict, folder: Path, url: str, *args: str) -> None:
+    """`depthcli upload` with the server's settings, whatever the test's environment."""
+    from click.testing import CliRunner
+
+    from pipeline import store
+    from pipeline.cli import main as cli
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    store._clients.clear()
+    try:
+        r = CliRunner().invoke(cli, ["upload", str(folder), url, *args])
+        assert r.exit_code == 0, r.output
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        store._clients.clear()
+
+
+@pytest.fixture(scope="session")
+def s3_shards(s3_server, exact_shards) -> str:
+    url = f"s3://{BUCKET}/exact"
+    upload(s3_server, exact_shards, url)
+    return url
+
+
+def one_sentence(r) -> str:
+    """A CLI result that failed with one sentence and no traceback: that sentence."""
+    assert r.exit_code == 1, r.output
+    last = r.output.strip().splitlines()[-1]  # after a progress bar, if any
+    assert "Traceback" not in r.output and last.startswith("Error: ") and last.count(". ") == 0, r.output
+    return last

@@ -1,12 +1,13 @@
 """Shards in object storage: a real S3-compatible server (moto's standalone server, in its own
-process on 127.0.0.1, with credentials checked), `depthcli upload`, `verify` and `evaluate` (DALI
-reading s3:// itself; the torch loader through webdataset and boto3) from s3://, a 2-rank
-torchrun training run from s3://, and the bad-input cases."""
+process on 127.0.0.1, with credentials checked: conftest.moto), `depthcli upload`, `verify` and
+`evaluate` from s3:// (through the node's shard cache; tests/test_cache.py tests the cache
+itself), a 2-rank torchrun training run from s3://, and the bad-input cases; with the cache off,
+DALI reading s3:// itself and the torch loader streaming through webdataset and boto3, as both
+do (the torch loader) or can (DALI, --cache-dir off) when a set does not fit the cache."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -16,12 +17,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from conftest import BUCKET, free_port, one_sentence
 from pipeline import store
 from pipeline.augment import Augment
 from pipeline.cli import main as cli
@@ -30,92 +31,13 @@ from pipeline.manifest import LoaderError
 from pipeline.store import StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
-BUCKET = "depthseg"
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("moto") is None,
-                                reason="needs moto[server] (pip install -e '.[dev]') for a local S3 server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_server():
-    """moto_server in its own process (DALI's S3 client stalls against a server thread in this
-    one), with IAM checks on: the first 3 requests, unauthenticated, make a user and its key."""
-    import boto3
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        t0 = time.time()
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=1)  # answers without auth
-                break
-            except OSError:
-                assert time.time() - t0 < 30 and proc.poll() is None, "moto_server did not start"
-                time.sleep(0.2)
-        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
-                           aws_secret_access_key="x")
-        iam.create_user(UserName="trainer")
-        iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-        key = iam.create_access_key(UserName="trainer")["AccessKey"]
-        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
-               "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_REGION": "us-east-1",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                     aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
-        yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    for k, v in s3_server.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(store, "_clients", {})  # a client made with these settings
-    return s3_server
-
-
-@pytest.fixture(scope="session")
-def s3_shards(s3_server, exact_shards) -> str:
-    url = f"s3://{BUCKET}/exact"
-    saved = {k: os.environ.get(k) for k in s3_server}
-    os.environ.update(s3_server)
-    store._clients.clear()
-    try:
-        r = CliRunner().invoke(cli, ["upload", str(exact_shards), url])
-        assert r.exit_code == 0, r.output
-        assert r.stdout.strip().splitlines()[-1].startswith(f"uploaded 9 shards and their indexes, then manifest.json, to {url}")
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        store._clients.clear()
-    return url
-
-
-def one_sentence(r) -> str:
-    assert r.exit_code == 1, r.output
-    last = r.output.strip().splitlines()[-1]  # after a progress bar, if any
-    assert "Traceback" not in r.output and last.startswith("Error: ") and last.count(". ") == 0, r.output
-    return last
 
 
 def test_upload_puts_the_manifest_last_and_verify_reads_the_store(s3_env, s3_shards, exact_shards, monkeypatch):
     r = CliRunner().invoke(cli, ["verify", s3_shards, "--decode", "--workers", "2"])
     assert r.exit_code == 0, r.output
-    assert r.stdout.strip().endswith("ok: 9 shards, 64 samples, " + r.stdout.strip().split(", ")[2].split()[0]
-                                     + " MB, every image decoded")
+    assert re.fullmatch(r"ok: 9 shards, 64 samples, [0-9.]+ MB, every image decoded, in the shard cache \S+",
+                        r.stdout.strip().splitlines()[-1]), r.stdout
     assert one_sentence(CliRunner().invoke(cli, ["upload", str(exact_shards), s3_shards])).endswith(
         f"{s3_shards} already holds a shard set; pass --overwrite to replace it.")
     order = []
@@ -204,8 +126,9 @@ def fingerprint(batch: dict) -> str:
 
 
 def test_dali_trains_from_the_store_as_from_disk_and_resumes_exactly(s3_env, s3_shards, exact_shards):
-    """DALI's own S3 reader in training (shuffled, checkpointing on): the batches of the folder,
-    and a loader restored from a state taken mid-epoch goes on with exactly the rest."""
+    """DALI from the store (through the cache, which holds the whole set: DALI reads the cached
+    files) in training, shuffled, checkpointing on: the batches of the folder, and a loader
+    restored from a state taken mid-epoch goes on with exactly the rest."""
     kw = {"split": "train", "res": 32, "batch_size": 8, "loader": "dali", "augment": Augment.off(), "seed": 5,
           "workers": 1, "rank": 1, "world_size": 2}
     local = build_loader(exact_shards, **kw)
@@ -240,8 +163,9 @@ def delete(url: str) -> None:
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_torch_loader_names_a_tar_gone_from_the_store(doomed_shards, split):
-    """Deleted after the manifest was read: the worker's StoreError arrives as its one sentence."""
-    loader = build_loader(doomed_shards, split=split, loader="torch", res=32, batch_size=4, workers=1)
+    """Deleted after the manifest was read, streamed (as a set too large for the cache is): the
+    worker's StoreError arrives as its one sentence."""
+    loader = build_loader(doomed_shards, split=split, loader="torch", res=32, batch_size=4, workers=1, cache_dir="off")
     delete(f"{doomed_shards}/{split}-000001.tar")
     with pytest.raises(StoreError) as e:
         list(loader)
@@ -261,7 +185,7 @@ def test_torch_loader_names_a_stream_broken_midway(s3_env, s3_shards, monkeypatc
             return whole(self)
         raise ResponseStreamingError(error="Connection broken: reset by peer")
 
-    loader = build_loader(s3_shards, split="val", loader="torch", res=32, batch_size=4, workers=1)
+    loader = build_loader(s3_shards, split="val", loader="torch", res=32, batch_size=4, workers=1, cache_dir="off")
     monkeypatch.setattr(StreamingBody, "read", broken)  # the DataLoader's worker is forked: it has it too
     with pytest.raises(StoreError) as e:
         list(loader)
@@ -281,10 +205,10 @@ def test_torch_loader_names_a_tar_gone_from_a_folder(exact_shards, tmp_path):
 
 
 def test_dali_names_a_tar_gone_from_the_store_midway(doomed_shards):
-    """DALI's S3 reader fails on the next read of the deleted tar ("Failed to flush response
-    stream"), within a second; the loader finds which file went and names it."""
+    """With the cache off, DALI's S3 reader fails on the next read of the deleted tar ("Failed to
+    flush response stream"), within a second; the loader finds which file went and names it."""
     loader = build_loader(doomed_shards, split="train", loader="dali", res=32, batch_size=8, workers=1,
-                          augment=Augment.off())
+                          augment=Augment.off(), cache_dir="off")
     assert len(list(loader)) == 4
     delete(f"{doomed_shards}/train-000003.tar")
     t0 = time.time()

@@ -88,7 +88,7 @@ def loaders(run: Run):
     workers = s.workers or max(1, (os.cpu_count() or 1) // ctx.world_size)
     aug = Augment(rotate_interp=s.rotate_interp, shared=s.aug_shared) if s.augment else Augment.off()
     common = {"res": stage.res, "batch_size": stage.batch, "loader": s.loader, "device": str(ctx.device),
-              "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers}
+              "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers, "cache_dir": s.cache_dir, "cache_limit": s.cache_limit}
     if s.loader == "dali" and s.hw_decoder_load >= 0:
         common["hw_decoder_load"] = s.hw_decoder_load
     # A loader restored from its own checkpoint (DALI) goes on exactly; any other is seeded by the

@@ -117,6 +117,8 @@ class TrainSettings:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
     workers: int = field(default=0, metadata={"help": "loader threads (dali) or processes (torch) per rank; 0 = cores / ranks"})
     hw_decoder_load: float = field(default=-1.0, metadata={"help": "dali on a GPU: share of JPEGs for the hardware decoder; -1 = the loader's default (0.9)"})
+    cache_dir: str = field(default="", metadata={"help": "node-local cache of s3:// shards, shared by the node's ranks; off = none; empty = $DEPTHSEG_CACHE_DIR, else ~/.cache/depthseg/shards"})
+    cache_limit: str = field(default="", metadata={"help": "bytes the shard cache may hold, e.g. 20GB (a larger set is streamed through it); empty = $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 %% of the disk"})
     augment: bool = field(default=True, metadata={"help": "the reference's training augmentation"})
     rotate_interp: str = field(default="linear", metadata={"help": "rotation of bg and fg_bg: linear or nearest"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast where the device runs it fast: GPUs, and CPUs with AMX "
@@ -202,7 +204,7 @@ CHOICES = {"recipe": tuple(RECIPES), "model": tuple(MODELS), "optimizer": ("adam
            "schedule": ("cosine", "step"), "compile_mode": ("default", "reduce-overhead", "max-autotune")}
 # What a resumed run may change; everything else must be as the run was started.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "ckpt_every", "log_every", "workers", "device", "vis_samples",
-                     "compile", "compile_mode", "shards", "loader", "resume", "out", "hw_decoder_load"}
+                     "compile", "compile_mode", "shards", "loader", "resume", "out", "hw_decoder_load", "cache_dir", "cache_limit"}
 
 
 def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
