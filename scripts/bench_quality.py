@@ -140,6 +140,10 @@ def score_holdout(fitted, held_out: Path, res: int, loader: str) -> dict:
                                          train=False, workers=1))
 
 
+def run_folder(a, name: str, budget: int) -> Path:
+    return Path(a.work) / "runs" / f"{a.dataset}-{name.partition('@')[0]}-{a.res}px-{budget}"
+
+
 def run_one(name: str, flags: str, budget: int, a, shards: Path, sets: dict[str, Path]) -> dict:
     """One training run of `budget` samples seen; its val records and its held-out figures."""
     from pipeline.epoch import plan
@@ -151,7 +155,7 @@ def run_one(name: str, flags: str, budget: int, a, shards: Path, sets: dict[str,
     # The trainer's --epochs: the budget exactly (a fraction of the last epoch), or for another
     # checkout's trainer, which may take whole epochs only, at least the budget.
     epochs = f"{budget / per_epoch:.6g}" if not checkout else str(max(1, math.ceil(budget / per_epoch)))
-    out = Path(a.work) / "runs" / f"{a.dataset}-{name}-{a.res}px-{budget}"
+    out = run_folder(a, name, budget)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.ranks)] if a.ranks > 1
                 else [sys.executable])
     trainer = Path(checkout or ROOT) / "train" / "main.py"
@@ -251,6 +255,7 @@ def main():
     p.add_argument("--workers", type=int, default=0, help="loader workers per rank; 0 = the trainer's default")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, e.g. several on one GPU (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the trainer's seed (default: %(default)s)")
+    p.add_argument("--finished-only", action="store_true", help="train nothing: the table and curves of the runs already done")
     p.add_argument("--train-args", default="", help="more train/main.py flags for every run, e.g. '--no-bf16'")
     a = p.parse_args()
     work = Path(a.work)
@@ -277,6 +282,8 @@ def main():
           f"{base['mask/iou']:.4f}, held out {held_base['holdout']['mask/iou']:.4f}; mean depth map: val depth rms "
           f"{base['depth/rms']:.4f}, held out {held_base['holdout']['depth/rms']:.4f}", flush=True)
     jobs = [(name, flags, b) for name, flags in variants for b in budgets]
+    if a.finished_only:
+        jobs = [j for j in jobs if (run_folder(a, j[0], j[2]) / "done.json").is_file()]
     with ThreadPoolExecutor(a.jobs) as pool:
         results = list(pool.map(lambda j: run_one(*j, a, shards, sets), jobs))
     (work / "results.json").write_text(json.dumps({"baselines": base, "holdout_baselines": held_base, "runs": results,

@@ -80,6 +80,18 @@ def test_torchrun_end_to_end(trained):
     assert json.loads((out / "settings.json").read_text())["res"] == [32]
 
 
+def test_torchrun_runs_progressive_stages_on_every_rank(exact_shards, tmp_path):
+    """2 ranks through two stages: every rank starts the second from the first's best, which
+    only rank 0 writes (the others wait for it rather than finding no file)."""
+    out = tmp_path / "prog"
+    proc = torchrun(exact_shards, out, "--res", "32,48", "--epochs", "1,1")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert (out / "best_32px.pt").is_file() and (out / "best_48px.pt").is_file()
+    assert [r["res"] for r in records(out, "val")] == [32, 48]
+    assert f"initialised from {out / 'best_32px.pt'}" in output
+
+
 def test_evaluate_prints_the_table(trained, exact_shards):
     out, _ = trained
     r = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(out / "best.pt"), "--shards", str(exact_shards),

@@ -78,6 +78,8 @@ def start(run: Run, resumed: dict | None, step: int, stages: list[Stage]) -> Non
         return
     run.step = run.last_saved = step
     if run.stage.index > 0:
+        if run.ctx.world_size > 1:
+            dist.barrier()  # rank 0 writes the previous stage's best after the other ranks are done with it
         load_weights(run, run.out / stages[run.stage.index - 1].best, "the previous stage's best")
     elif run.s.init:
         load_weights(run, run.s.init, "--init")
