@@ -20,6 +20,7 @@ Measurements behind these choices are in BENCHMARKS.md ("Torch loader on librari
 from __future__ import annotations
 
 import functools
+import gc
 import random
 
 import albumentations as A
@@ -189,6 +190,22 @@ class SampleStage:
             else:
                 x["bg"], x["fg_bg"] = (photometric(image=x[k])["image"] for k in ("bg", "fg_bg"))
         return to_planes(x, self.floats)
+
+
+def forked(loader: DataLoader):
+    """Iterate `loader`, its workers forked with no garbage left and the heap frozen for their
+    collector: a worker that collected a DALI pipeline the parent had dropped (in a reference
+    cycle, not yet collected) waited forever for the pipeline's threads, which a fork does not copy."""
+    if not loader.num_workers:
+        yield from loader
+        return
+    gc.collect()  # the parent's garbage dies here, where its threads exist
+    gc.freeze()
+    try:
+        batches = iter(loader)  # the workers start here
+    finally:
+        gc.unfreeze()
+    yield from batches
 
 
 def _worker_init(_):
@@ -409,7 +426,7 @@ class TorchLoader:
         return batch.float().div_(255) if batch.dtype == torch.uint8 else batch
 
     def _train_batches(self):
-        for i, batch in enumerate(self._train_loader()):
+        for i, batch in enumerate(forked(self._train_loader())):
             if i == self.plan.batches:
                 break
             images = self._floats(batch)
@@ -421,7 +438,7 @@ class TorchLoader:
         """Batches of the rank's part in shard order; the tail, and a whole batch where this
         rank's part is shorter than the largest, are filled with repeats (valid = False)."""
         buf, i, last = [], 0, None
-        for sample in self._val_loader():
+        for sample in forked(self._val_loader()):
             buf.append(sample)
             last = sample
             if len(buf) == self.plan.batch_size:

@@ -21,6 +21,7 @@ from pipeline.augment import Augment
 from pipeline.epoch import plan
 from pipeline.loaders import build_loader
 from pipeline.manifest import LoaderError
+from conftest import run_script
 
 
 def jpeg(size: int, gray: bool = False) -> bytes:
@@ -230,3 +231,34 @@ def test_indexed_reading_of_long_and_non_ascii_names(tmp_path):
     ours = list(tl.IndexedSamples(p).shard(str(tar)))
     assert [s["__key__"] for s in ours] == keys
     assert ours == [_public(s) for s in wds.WebDataset([str(tar)], shardshuffle=False, empty_check=False)]
+
+
+DROPPED_DALI = """
+import gc, sys
+import pipeline.torch_loader as tl
+from pipeline.loaders import build_loader
+
+setup = tl.SampleStage._setup
+def collecting_setup(self):  # a worker's collector runs (allocations trigger it; here for sure)
+    gc.collect()
+    return setup(self)
+tl.SampleStage._setup = collecting_setup
+
+gc.disable()  # the parent does not get round to it: the dropped pipeline is garbage at the fork
+kw = {"split": "train", "res": 32, "batch_size": 4, "workers": 1}
+dali = build_loader(sys.argv[1], loader="dali", **kw)
+next(iter(dali))
+cycle = {"loader": dali}
+cycle["self"] = cycle
+del dali, cycle
+print(next(iter(build_loader(sys.argv[1], loader="torch", **kw)))["bg"].shape)
+"""
+
+
+def test_a_worker_forked_beside_a_dropped_dali_pipeline_does_not_hang(exact_shards, tmp_path):
+    """A worker that collected a DALI pipeline the parent had dropped waited forever for its
+    threads (a fork does not copy them): the parent collects its garbage first."""
+    (tmp_path / "dropped.py").write_text(DROPPED_DALI)
+    done = run_script(tmp_path / "dropped.py", str(exact_shards), timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch.Size([4, 3, 32, 32])" in done.stdout
