@@ -198,8 +198,14 @@ def run_pytest(part: str, work: Path, seconds: float) -> dict:
     cmd = [*PYTEST, "-q", "-rs", "-p", "gpu_check", f"--junitxml={xml}", TESTS]
     t0 = time.monotonic()
     # Its own session: what a stopped test leaves running (torchrun's workers) goes with it.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, PART_ENV: part, "PYTHONPATH": path}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # Ctrl-C handled, not ignored, as pytest starts: a background job (`nohup ... &`) starts with
+    # SIGINT ignored, a child inherits that, and pytest would then never stop to write its JUnit.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, PART_ENV: part, "PYTHONPATH": path}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     try:
         out, err = proc.communicate(timeout=seconds)
         late = False
