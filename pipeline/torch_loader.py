@@ -20,7 +20,6 @@ Measurements behind these choices are in BENCHMARKS.md ("Torch loader on librari
 from __future__ import annotations
 
 import functools
-import gc
 import random
 
 import albumentations as A
@@ -36,6 +35,7 @@ from pipeline.augment import Augment
 from pipeline.epoch import Plan, to_contract
 from pipeline.manifest import ROLES, LoaderError, parse_index
 from pipeline.store import StoreError
+from pipeline.workers import forked
 
 SHUFFLE_BUFFER = 1024  # as the DALI reader's
 
@@ -190,22 +190,6 @@ class SampleStage:
             else:
                 x["bg"], x["fg_bg"] = (photometric(image=x[k])["image"] for k in ("bg", "fg_bg"))
         return to_planes(x, self.floats)
-
-
-def forked(loader: DataLoader):
-    """Iterate `loader`, its workers forked with no garbage left and the heap frozen for their
-    collector: a worker that collected a DALI pipeline the parent had dropped (in a reference
-    cycle, not yet collected) waited forever for the pipeline's threads, which a fork does not copy."""
-    if not loader.num_workers:
-        yield from loader
-        return
-    gc.collect()  # the parent's garbage dies here, where its threads exist
-    gc.freeze()
-    try:
-        batches = iter(loader)  # the workers start here
-    finally:
-        gc.unfreeze()
-    yield from batches
 
 
 def _worker_init(_):

@@ -1,4 +1,4 @@
-"""The worker processes of make-dataset, shard and verify.
+"""The worker processes of make-dataset, shard and verify; and how the torch loader forks its own.
 
 They come from a fork server, not from a fork of the caller. A fork copies the caller: a test run
 or a notebook that has held DALI pipelines can have a heap larger than the RAM, and then fork
@@ -9,6 +9,7 @@ after a failed task could hang on its own task-queue lock (about 1 run in 80 on 
 
 from __future__ import annotations
 
+import gc
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -59,3 +60,19 @@ def as_done(executor: ProcessPoolExecutor, fn: Callable, items: Iterable) -> Ite
         done, pending = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
             yield future.result()
+
+
+def forked(loader):
+    """Iterate a DataLoader, its workers forked with no garbage left and the heap frozen for their
+    collector, so no worker collects a DALI pipeline the parent had dropped (in a reference
+    cycle, not yet collected): it would wait forever for threads a fork does not copy (above)."""
+    if not loader.num_workers:
+        yield from loader
+        return
+    gc.collect()  # the parent's garbage dies here, where its threads exist
+    gc.freeze()
+    try:
+        batches = iter(loader)  # the workers start here
+    finally:
+        gc.unfreeze()
+    yield from batches
