@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import dist
+from train import dist, precision
 from train.losses import LossWeights, _blur_matrix, head_loss
 from train.main import TrainSettings
 from train.main import main as train_main
@@ -102,7 +102,7 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
     s = settings_from(["--res", "32", "--batch-size", "2", "--device", "cpu", "--compile", "--compile-mode", "reduce-overhead"])
-    run = Run(s, s.stages()[0], dist.DistContext(0, 0, 1, torch.device("cpu")))
+    run = Run(s, s.stages()[0], dist.DistContext(0, 0, 1, torch.device("cpu")), precision.choose("cpu", "float32"), [None])
     run.wrap()
     assert seen == {"mode": "reduce-overhead"}
     with pytest.raises(SystemExit):
@@ -141,7 +141,7 @@ def test_ddp_does_not_broadcast_buffers_every_step(tmp_path):
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         s = TrainSettings(out=str(tmp_path), device="cpu")
-        run = Run(s, s.stages()[0], dist.DistContext(0, 0, 2, torch.device("cpu")))
+        run = Run(s, s.stages()[0], dist.DistContext(0, 0, 2, torch.device("cpu")), precision.choose("cpu", "float32"), [None])
         model = run.wrap()
         assert getattr(model, "forward_sync_buffers", model.broadcast_buffers) is False
     finally:

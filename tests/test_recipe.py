@@ -13,7 +13,7 @@ import torch
 from pipeline.loaders import build_loader
 from pipeline.shard import ShardSettings, shard
 from conftest import coordinate_bg, encode
-from train import baselines
+from train import baselines, precision
 from train.dist import DistContext
 from train.losses import LossWeights, dice_loss, head_loss, kl_bce
 from train.main import main as train_main
@@ -66,9 +66,10 @@ def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():
     assert (mixed.dropout, mixed.schedule, mixed.optimizer) == (0.0, "cosine", "adam")
 
 
-def first_stage(argv: list[str]) -> Run:
+def first_stage(argv: list[str], steps_per_epoch: int = 10) -> Run:
+    """A Run as the trainer builds it, over a train loader of `steps_per_epoch` batches."""
     s = settings_from(argv)
-    return Run(s, s.stages()[0], CPU)
+    return Run(s, s.stages()[0], CPU, precision.choose("cpu", "float32"), [None] * steps_per_epoch)
 
 
 def test_run_builds_what_the_settings_say():
@@ -78,7 +79,6 @@ def test_run_builds_what_the_settings_say():
     fast = first_stage(["--res", "32", "--batch-size", "8", "--lr", "2e-3", "--lr-batch", "32"])
     assert type(ref.optimizer) is torch.optim.Adam and type(fast.optimizer) is torch.optim.AdamW
     assert fast.scheduler.base_lrs[0] == pytest.approx(1e-3)  # 2e-3 at 32, sqrt-scaled to a global batch of 8
-    fast.start_schedule(steps_per_epoch=10)
     assert fast.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(0, 50, 10, fast.s))
     dropouts = {m.p for m in ref.raw.modules() if isinstance(m, torch.nn.Dropout2d)}
     assert dropouts == {0.2} and {m.p for m in fast.raw.modules() if isinstance(m, torch.nn.Dropout2d)} == {0.0}

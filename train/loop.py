@@ -1,8 +1,8 @@
 """The training loop of one stage: an epoch of steps, and validation after it.
 
     with StopRequest() as stop:
-        outcome = train_one_epoch(run, model, train_loader, writer, stop)   # "done", "stopped", "max_steps"
-        validate(run, model, val_loader, writer)
+        outcome = train_one_epoch(run, model, train_loader, writer, stop, exact)   # "done", "stopped", "max_steps"
+        validate(run, val_loader, writer)
 """
 
 from __future__ import annotations
@@ -42,16 +42,15 @@ class StopRequest:
         self.requested = True
 
 
-def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
+def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest, exact: bool = False) -> str:
     """Returns "done", "stopped" (SIGTERM) or "max_steps". Every --log-every steps the ranks sum
-    their losses, non-finite counts and stop flags in one all_reduce, so they decide together."""
+    their losses, non-finite counts and stop flags in one all_reduce, so they decide together.
+    Resumed mid-epoch: a loader restored from its checkpoint (`exact`, DALI) goes on where it
+    stopped; any other is reseeded, so the epoch's first batches are read and dropped (the epoch
+    keeps its length and the ranks stay in step)."""
     s, ctx = run.s, run.ctx
     model.train()
-    # Resumed mid-epoch: a loader restored from its checkpoint (DALI) goes on where it stopped;
-    # any other is reseeded, so the epoch's first batches are read and dropped (the epoch keeps
-    # its length and the ranks stay in step).
-    skip = run.epoch_step
-    restored, run.loader_state = run.loader_state is not None, None
+    skip, restored = run.epoch_step, exact
     length = run.stage.epoch_length(run.epoch, len(loader))  # the last of fractional --epochs is shorter
     stage = f"{run.stage.res}px, " if run.stage.count > 1 else ""
     bar = tqdm(total=length - skip, desc=f"{stage}epoch {run.epoch + 1}/{run.stage.epochs:g}", unit="step",
@@ -71,7 +70,8 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
         loss.backward()
         run.optimizer.step()
         run.scheduler.step()
-        run.step, run.epoch_step, n = run.step + 1, run.epoch_step + 1, n + 1
+        run.stepped()
+        n += 1
         sums += torch.stack([loss.detach(), parts["mask"], parts["depth"], (~torch.isfinite(loss.detach())).float()])
         bar.update()
         end = i == length - 1
@@ -106,7 +106,7 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
     return "done"
 
 
-def validate(run: Run, model, loader, writer) -> None:
+def validate(run: Run, loader, writer) -> None:
     """Every rank evaluates rank 0's model (the one saved): DDP syncs BatchNorm's running stats
     only at the start of a forward, so after the last step each rank's differ a little."""
     if dist.is_initialized():
@@ -114,7 +114,7 @@ def validate(run: Run, model, loader, writer) -> None:
             dist.broadcast(buffer, 0)
     metrics, kept = evaluate(run.raw, loader, run.ctx.device, run.weights, run.precision,
                              keep=run.s.vis_samples, progress=run.ctx.main)
-    run.metrics = metrics
+    run.validated(metrics)
     run.log({"kind": "val", **{k.replace("/", "_"): v for k, v in metrics.items()}}, writer)
     stage = f" at {run.stage.res}px" if run.stage.count > 1 else ""
     print0(run.ctx, f"validation after epoch {run.epoch + 1}{stage}: loss {metrics['loss']:.4f}\n{format_table(metrics)}")

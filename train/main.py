@@ -25,10 +25,10 @@ from pipeline.augment import Augment
 from pipeline.loaders import build_loader
 from pipeline.manifest import LoaderError, ManifestError
 from pipeline.store import StoreError
-from train import checkpoint
-from train.dist import DistContext, cleanup, print0, setup
+from train import checkpoint, precision
+from train.dist import DistContext, barrier, cleanup, print0, setup
 from train.loop import NonFiniteLoss, StopRequest, train_one_epoch, validate
-from train.run import Run
+from train.run import Run, saved_loader_state
 from train.settings import Stage, TrainingError, TrainSettings, get_args_parser, settings_from  # noqa: F401 (re-exported)
 
 
@@ -57,58 +57,39 @@ def same_start(ctx: DistContext, s: TrainSettings, step: int) -> None:
                             f"--out {s.out} must be one folder that every node sees (a shared file system).")
 
 
-def load_weights(run: Run, path: str | Path, what: str) -> None:
-    ckpt = checkpoint.load(path)
-    if ckpt["model"] != run.s.model:
-        raise TrainingError(f"{what} {path} holds a {ckpt['model']!r} model, not {run.s.model!r}.")
-    run.raw.load_state_dict(ckpt["state_dict"])
-    print0(run.ctx, f"initialised from {path} (res {ckpt['res']}, step {ckpt['step']})")
+def first_stage(resumed: dict | None, stages: list[Stage]) -> tuple[int, int]:
+    """(the stage to start in, the run's step there): a checkpoint saved at its stage's end goes
+    on with the next stage."""
+    if resumed is None:
+        return 0, 0
+    first = min(resumed.get("stage", 0), len(stages) - 1)
+    if resumed["epoch"] >= stages[first].epoch_count and first + 1 < len(stages):
+        first += 1
+    return first, resumed["step"]
 
 
-def start(run: Run, resumed: dict | None, step: int, stages: list[Stage]) -> None:
-    """Where a stage begins: inside it from last.pt (--resume), or fresh at the run's `step`
-    from the previous stage's best weights (or --init's, before the first stage)."""
-    if resumed is not None and resumed.get("stage", 0) == run.stage.index:
-        run.restore(resumed)
-        run.resumed_from = run.step
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-        print0(run.ctx, f"resuming {run.out / 'last.pt'} at step {run.step} ({run.stage.res}px, epoch {run.epoch + 1}, "
-                        f"step {run.epoch_step} of it)" + (f", torchrun restart {restart}" if restart else "")
-                        + (", the loader exactly where it was" if run.loader_state is not None else "")
-                        + (f"; {run.loader_dropped}: its data order is drawn anew" if run.loader_dropped else ""))
-        return
-    run.step = run.last_saved = step
-    if run.stage.index > 0:
-        if run.ctx.world_size > 1:
-            dist.barrier()  # rank 0 writes the previous stage's best after the other ranks are done with it
-        load_weights(run, run.out / stages[run.stage.index - 1].best, "the previous stage's best")
-    elif run.s.init:
-        load_weights(run, run.s.init, "--init")
-
-
-def loaders(run: Run):
-    s, ctx, stage = run.s, run.ctx, run.stage
+def loaders(s: TrainSettings, ctx: DistContext, stage: Stage, state, step: int):
+    """(train loader, validation loader, whether the train loader goes on from `state`). A
+    loader restored from its own checkpoint (DALI) goes on exactly; any other is seeded by the
+    run's step too, so a resumed run does not replay the data order of its start."""
     workers = s.workers or max(1, (os.cpu_count() or 1) // ctx.world_size)
     aug = Augment(rotate_interp=s.rotate_interp, shared=s.aug_shared) if s.augment else Augment.off()
     common = {"res": stage.res, "batch_size": stage.batch, "loader": s.loader, "device": str(ctx.device),
               "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers, "cache_dir": s.cache_dir, "cache_limit": s.cache_limit}
     if s.loader == "dali" and s.hw_decoder_load >= 0:
         common["hw_decoder_load"] = s.hw_decoder_load
-    # A loader restored from its own checkpoint (DALI) goes on exactly; any other is seeded by the
-    # step too, so a resumed run does not replay the data order of its start.
-    exact = run.loader_state is not None
+    exact = state is not None
     try:
-        train = build_loader(s.shards, split="train", augment=aug, seed=s.seed if exact else s.seed + run.step,
-                             **({"state": run.loader_state} if exact else {}), **common)
+        train = build_loader(s.shards, split="train", augment=aug, seed=s.seed if exact else s.seed + step,
+                             **({"state": state} if exact else {}), **common)
     except LoaderError as e:  # a state DALI cannot restore into this graph: go on, reseeded
         if not exact:
             raise
         print0(ctx, f"the loader's saved state could not be restored ({e}); its data order is drawn anew")
-        run.loader_state = None
-        return loaders(run)
+        return loaders(s, ctx, stage, None, step)
     # Validation decodes and resizes only, between epochs: a few threads, not a second set of all cores.
     val = build_loader(s.shards, split="val", seed=s.seed, **{**common, "workers": max(1, workers // 4)})
-    return train, val
+    return train, val, exact
 
 
 def train(s: TrainSettings, ctx: DistContext) -> int:
@@ -118,13 +99,11 @@ def train(s: TrainSettings, ctx: DistContext) -> int:
     else:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if s.sync_bn and ctx.device.type != "cuda":
+        raise TrainingError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA tensors only; drop it on the CPU.")
     stages, out = s.stages(), Path(s.out)
     resumed = resume_point(s, out)
-    step, first = 0, 0
-    if resumed is not None:
-        step, first = resumed["step"], min(resumed.get("stage", 0), len(stages) - 1)
-        if resumed["epoch"] >= stages[first].epoch_count and first + 1 < len(stages):  # saved at its stage's end
-            first += 1
+    first, step = first_stage(resumed, stages)
     same_start(ctx, s, step)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -135,9 +114,9 @@ def train(s: TrainSettings, ctx: DistContext) -> int:
     try:
         with StopRequest() as stop:
             for stage in stages[first:]:
-                run = Run(s, stage, ctx)
-                start(run, resumed, step, stages)
-                code, step = train_stage(run, writer, stop), run.step
+                inside = resumed if resumed is not None and resumed.get("stage", 0) == stage.index else None
+                run, code = train_stage(s, ctx, stages, stage, inside, step, writer, stop)
+                step = run.step
                 if code is not None:
                     return code
     finally:
@@ -147,42 +126,53 @@ def train(s: TrainSettings, ctx: DistContext) -> int:
     return 0
 
 
-def train_stage(run: Run, writer, stop: StopRequest) -> int | None:
-    """The stage's epochs, each validated, then last.pt and (when it improved) its best; an exit
-    code when the run must stop here (SIGTERM, --max-steps, a non-finite loss), else None."""
-    s, ctx, stage = run.s, run.ctx, run.stage
-    train_loader, val_loader = loaders(run)
-    run.train_loader = train_loader
-    run.start_schedule(len(train_loader))
+def train_stage(s: TrainSettings, ctx: DistContext, stages: list[Stage], stage: Stage, resumed: dict | None,
+                step: int, writer, stop: StopRequest) -> tuple[Run, int | None]:
+    """One stage, built in order (precision, loaders, Run, its start), then its epochs, each
+    validated and saved. Returns the Run and an exit code when the run must stop here (SIGTERM,
+    --max-steps, a non-finite loss), else None."""
+    chosen = precision.choose(ctx.device, s.precision, s.channels_last, precision.Probe(s.model, stage.res, stage.batch))
+    state, dropped = saved_loader_state(resumed, s, ctx, stage)
+    train_loader, val_loader, exact = loaders(s, ctx, stage, state, resumed["step"] if resumed else step)
+    run = Run(s, stage, ctx, chosen, train_loader)
+    if resumed is not None:
+        run.restore(resumed, exact)
+        say_resumed(run, exact, dropped, writer)
+    elif stage.index > 0:
+        barrier()  # rank 0 writes the previous stage's best after the other ranks are done with it
+        run.begin(step, run.out / stages[stage.index - 1].best, "the previous stage's best")
+    else:
+        run.begin(step, s.init or None, "--init")
     model = run.wrap()
-    if run.resumed_from is not None:
-        run.log({"kind": "resume", "from_step": run.resumed_from, "exact": run.loader_state is not None,
-                 "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))}, writer)
     print0(ctx, f"training {s.model} at {stage.res}px" + (f" (stage {stage.index + 1} of {stage.count})" if stage.count > 1 else "")
                 + f": {ctx.world_size} rank(s) on {ctx.device.type} in {run.precision} ({run.precision.why}), batch {stage.batch} per rank, "
                   f"{len(train_loader)} steps per epoch, loader {s.loader}")
     try:
         while run.epoch < stage.epoch_count:
-            outcome = train_one_epoch(run, model, train_loader, writer, stop)
+            outcome = train_one_epoch(run, model, train_loader, writer, stop, exact)
+            exact = False
             if outcome != "done":
                 print0(ctx, f"{'SIGTERM' if outcome == 'stopped' else '--max-steps'}: saved {run.out / 'last.pt'} at step {run.step}")
-                return 0
-            validate(run, model, val_loader, writer)
-            run.epoch, run.epoch_step = run.epoch + 1, 0
-            improved = run.metrics["loss"] < run.best_loss
-            run.best_loss = min(run.best_loss, run.metrics["loss"])
-            run.save()
-            if improved and ctx.main:
-                for name in {"best.pt", stage.best if stage.count > 1 else "best.pt"}:
-                    checkpoint.copy(run.out / "last.pt", run.out / name)
+                return run, 0
+            validate(run, val_loader, writer)
+            run.end_epoch()
             if s.max_steps and run.step >= s.max_steps:
                 print0(ctx, f"--max-steps: saved {run.out / 'last.pt'} at step {run.step}")
-                return 0
+                return run, 0
     except NonFiniteLoss:
         kept = f"the last good checkpoint is {run.out / 'last.pt'} (step {run.last_saved})" if run.last_saved else "no checkpoint was written yet"
         print0(ctx, f"error: the loss became non-finite before step {run.step}; stopped, {kept}.", file=sys.stderr)
-        return 1
-    return None
+        return run, 1
+    return run, None
+
+
+def say_resumed(run: Run, exact: bool, dropped: str, writer) -> None:
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    print0(run.ctx, f"resuming {run.out / 'last.pt'} at step {run.step} ({run.stage.res}px, epoch {run.epoch + 1}, "
+                    f"step {run.epoch_step} of it)" + (f", torchrun restart {restart}" if restart else "")
+                    + (", the loader exactly where it was" if exact else "")
+                    + (f"; {dropped}: its data order is drawn anew" if dropped else ""))
+    run.log({"kind": "resume", "from_step": run.resumed_from, "exact": exact, "restart": restart}, writer)
 
 
 def fail(e: Exception, rank: int, world: int) -> int:

@@ -1,10 +1,12 @@
 """One stage of a run: the model in its precision, the optimizer, the learning-rate schedule,
-and the state a checkpoint holds (saved collectively, restored for --resume).
+and the state a checkpoint holds (saved collectively, restored for --resume). Built in order,
+once the stage's loaders exist (their length sets the schedule):
 
-    run = Run(settings, stage, ctx)      # stage: settings.stages()[k]
-    run.start_schedule(len(train_loader))
-    ... run.optimizer.step(); run.scheduler.step() ...
-    run.save()                           # every rank calls it; rank 0 writes last.pt
+    state, note = saved_loader_state(resumed, settings, ctx, stage)   # a checkpoint's, if it fits
+    run = Run(settings, stage, ctx, chosen_precision, train_loader)
+    run.restore(resumed, exact=...)  or  run.begin(step, weights=...)
+    ... run.optimizer.step(); run.scheduler.step(); run.stepped() ...
+    run.end_epoch(metrics)               # every rank calls it; rank 0 writes last.pt (and best.pt)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import inspect
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint, precision
-from train.dist import DistContext
+from train.dist import DistContext, print0
 from train.losses import LossWeights
 from train.model import build_model, init_output_bias
 from train.settings import Stage, TrainingError, TrainSettings
@@ -49,18 +51,15 @@ def peak_lr(s: TrainSettings, global_batch: int, lr: float | None = None) -> flo
 
 class Run:
     """The state of one stage that a checkpoint holds, and the objects that act on it. `step` counts
-    optimizer steps over the whole run (all stages), `epoch` and `epoch_step` within the stage."""
+    optimizer steps over the whole run (all stages), `epoch` and `epoch_step` within the stage.
+    Only its own methods change it."""
 
-    def __init__(self, s: TrainSettings, stage: Stage, ctx: DistContext):
-        self.s, self.stage, self.ctx = s, stage, ctx
+    def __init__(self, s: TrainSettings, stage: Stage, ctx: DistContext, chosen: precision.Precision, train_loader):
+        self.s, self.stage, self.ctx, self.precision, self.train_loader = s, stage, ctx, chosen, train_loader
         self.gpu = ctx.device.type == "cuda"
-        self.precision = precision.choose(ctx.device, s.precision, s.channels_last,
-                                          precision.Probe(s.model, stage.res, stage.batch))
-        self.weights = LossWeights(s.w_ssim, s.w_l1, s.w_edge, s.w_bce, s.w_dice, s.mask_image_terms)
+        self.weights = loss_weights(s)
         self.raw = build_model(s.model, dropout=s.dropout)
         init_output_bias(self.raw, s.mask_prior, s.depth_prior)
-        if s.sync_bn and not self.gpu:
-            raise TrainingError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA tensors only; drop it on the CPU.")
         if s.sync_bn and ctx.world_size > 1:
             self.raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.raw)
         self.raw = self.precision.prepare(self.raw.to(ctx.device))
@@ -69,24 +68,26 @@ class Run:
         self.optimizer = optimizer(self.raw.parameters(), lr=peak_lr(s, stage.batch * ctx.world_size, stage.lr),
                                    weight_decay=s.weight_decay, fused=True)
         # Stepped after every optimizer step, from 0 at the stage's start; its state (the step
-        # count) goes into checkpoints. The stage's length is known once the loader is:
-        # train() calls start_schedule first.
-        self.steps_per_epoch = 1
+        # count) goes into checkpoints.
+        self.steps_per_epoch = len(train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step, self.epoch, self.epoch_step = 0, 0, 0
         self.best_loss, self.metrics, self.last_saved = math.inf, {}, 0
         self.out = Path(s.out)
-        self.train_loader, self.loader_state, self.resumed_from = None, None, None
-        self.loader_dropped = ""  # why a saved loader state could not be used, for the resume line
+        self.resumed_from = None
 
     def lr_factor(self, step: int) -> float:
         return lr_factor(step, self.stage.steps(self.steps_per_epoch), self.steps_per_epoch, self.s)
 
-    def start_schedule(self, steps_per_epoch: int) -> None:
-        """The learning rate of the current step, now that the stage's length is known."""
-        self.steps_per_epoch = steps_per_epoch
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            group["lr"] = base * self.lr_factor(self.scheduler.last_epoch)
+    def begin(self, step: int, weights: Path | str | None = None, what: str = "") -> None:
+        """A fresh stage at the run's `step`, from `weights` (the previous stage's best or --init)."""
+        self.step = self.last_saved = step
+        if weights:
+            ckpt = checkpoint.load(weights)
+            if ckpt["model"] != self.s.model:
+                raise TrainingError(f"{what} {weights} holds a {ckpt['model']!r} model, not {self.s.model!r}.")
+            self.raw.load_state_dict(ckpt["state_dict"])
+            print0(self.ctx, f"initialised from {weights} (res {ckpt['res']}, step {ckpt['step']})")
 
     def wrap(self) -> torch.nn.Module:
         """Compile before the DDP wrap; the unwrapped model (self.raw) is what gets saved."""
@@ -99,19 +100,31 @@ class Run:
             model = DDP(model, device_ids=[self.ctx.local_rank] if self.gpu else None, **no_sync)
         return model
 
+    def stepped(self) -> None:
+        """After each optimizer step."""
+        self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
+
+    def validated(self, metrics: dict) -> None:
+        self.metrics = metrics
+
+    def end_epoch(self) -> None:
+        """After an epoch and its validation: last.pt, and best.pt (with a stage's best) when the
+        validation loss improved. Collective."""
+        self.epoch, self.epoch_step = self.epoch + 1, 0
+        improved = self.metrics["loss"] < self.best_loss
+        self.best_loss = min(self.best_loss, self.metrics["loss"])
+        self.save()
+        if improved and self.ctx.main:
+            for name in {"best.pt", self.stage.best if self.stage.count > 1 else "best.pt"}:
+                checkpoint.copy(self.out / "last.pt", self.out / name)
+
     def state(self) -> dict:
         return {"model": self.s.model, "model_args": {"dropout": self.s.dropout}, "res": self.stage.res,
                 "stage": self.stage.index, "state_dict": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "epoch_step": self.epoch_step, "best_loss": self.best_loss, "metrics": self.metrics,
                 "settings": asdict(self.s), "world_size": self.ctx.world_size, "batch": self.stage.batch,
-                "loader_graph": self.loader_graph()}
-
-    def loader_graph(self) -> dict:
-        """What a saved loader state fits: DALI's graph differs on a GPU (no noise bank, a
-        resize on the device), and its reader's position is per rank in batches."""
-        return {"loader": self.s.loader, "device": self.ctx.device.type, "res": self.stage.res,
-                "batch": self.stage.batch, "world_size": self.ctx.world_size}
+                "loader_graph": loader_graph(self.s, self.ctx, self.stage)}
 
     def save(self) -> None:
         """last.pt. Collective: every rank's RNG states (CPU, and the GPU's: dropout) go in, rank 0 writes."""
@@ -128,25 +141,23 @@ class Run:
                                                    "loader": self.s.loader})
         self.last_saved = self.step
 
-    def restore(self, ckpt: dict) -> None:
+    def restore(self, ckpt: dict, exact: bool) -> None:
+        """Inside the stage from last.pt; `exact`: the train loader goes on from its saved state."""
         self.raw.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step, self.epoch, self.epoch_step = ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]
         self.best_loss, self.metrics, self.last_saved = ckpt["best_loss"], ckpt["metrics"], ckpt["step"]
+        self.resumed_from = self.step
         self._keep_position_in_samples(ckpt.get("batch", self.stage.batch) * ckpt.get("world_size", self.ctx.world_size))
         if len(ckpt.get("rng", [])) == self.ctx.world_size:  # else a new world: new draws
             mine = ckpt["rng"][self.ctx.rank]
             torch.set_rng_state(mine["cpu"])
             if self.gpu and mine["cuda"] is not None:
                 torch.cuda.set_rng_state(mine["cuda"], self.ctx.device)
-        saved = ckpt.get("loader_graph") or {"loader": ckpt.get("loader")}  # older checkpoints: the loader's name
-        now = self.loader_graph()
-        differ = [f"{k} {saved[k]} -> {now[k]}" for k in saved if saved[k] != now.get(k)]
-        if ckpt.get("loader_states") and not differ:
-            self.loader_state = ckpt["loader_states"][self.ctx.rank]
-        elif ckpt.get("loader_states") and any(ckpt["loader_states"]):
-            self.loader_dropped = f"the loader's saved state fits another graph ({', '.join(differ)})"
+        # The schedule's current learning rate, for a stage whose length may differ from the saved one's.
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.lr_factor(self.scheduler.last_epoch)
 
     def _keep_position_in_samples(self, saved_global_batch: int) -> None:
         """A resume with another global batch (another --batch-size or device default, other
@@ -172,3 +183,28 @@ class Run:
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("time", "step", "epoch", "res"):
                 writer.add_scalar(f"{record['kind']}/{k}", v, self.step)
+
+
+def loss_weights(s: TrainSettings) -> LossWeights:
+    """The run's loss weights, by name from its settings."""
+    return LossWeights(**{f.name: getattr(s, f.name) for f in fields(LossWeights)})
+
+
+def loader_graph(s: TrainSettings, ctx: DistContext, stage: Stage) -> dict:
+    """What a saved loader state fits: DALI's graph differs on a GPU (no noise bank, a resize on
+    the device), and its reader's position is per rank in batches."""
+    return {"loader": s.loader, "device": ctx.device.type, "res": stage.res, "batch": stage.batch,
+            "world_size": ctx.world_size}
+
+
+def saved_loader_state(ckpt: dict | None, s: TrainSettings, ctx: DistContext, stage: Stage) -> tuple[object, str]:
+    """(this rank's saved train-loader state, or None; why a saved one does not fit, or "")."""
+    states = (ckpt or {}).get("loader_states")
+    if not states or not any(states):  # a new stage, or a loader that keeps no state (torch)
+        return None, ""
+    saved = ckpt.get("loader_graph") or {"loader": ckpt.get("loader")}  # older checkpoints: the loader's name
+    now = loader_graph(s, ctx, stage)
+    differ = [f"{k} {saved[k]} -> {now[k]}" for k in saved if saved[k] != now.get(k)]
+    if differ:
+        return None, f"the loader's saved state fits another graph ({', '.join(differ)})"
+    return states[ctx.rank], ""
