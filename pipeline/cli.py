@@ -7,7 +7,6 @@ summary, and on bad input exits non-zero with one sentence instead of a tracebac
 from __future__ import annotations
 
 import functools
-import os
 import sys
 
 import click
@@ -18,9 +17,10 @@ from pipeline.shard import ShardError
 from pipeline.source import SourceError
 from pipeline.store import StoreError
 from pipeline.verify import VerifyError
+from pipeline.workers import cpu_share
 
 USER_ERRORS = (DatasetError, LoaderError, ManifestError, ShardError, SourceError, StoreError, VerifyError)
-CPUS = os.cpu_count() or 1
+CPUS = cpu_share()
 
 
 def _train_errors() -> tuple:

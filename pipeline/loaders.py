@@ -33,6 +33,7 @@ from pipeline import store
 from pipeline.augment import Augment
 from pipeline.epoch import Plan, plan  # noqa: F401 (re-exported)
 from pipeline.manifest import LoaderError, ManifestError  # noqa: F401 (re-exported)
+from pipeline.workers import cpu_share, node_processes
 
 LOADERS = ("dali", "torch")  # and "synthetic": random tensors, to time the model alone
 
@@ -63,7 +64,7 @@ def build_loader(shards: str | os.PathLike, split: str = "train", res: int = 224
 
         parse_size(cache_limit)  # a bad size is said before anything is read
     p = plan(shards, split, batch_size, rank, world_size, train)
-    workers = workers or max(1, (os.cpu_count() or 1) // world_size)
+    workers = workers or cpu_share()
     p, source, pin = through_cache(p, loader, cache_dir, cache_limit, seed, state)
     if loader == "dali":
         from pipeline.dali_pipeline import DaliLoader
@@ -114,7 +115,7 @@ def _stream_source(p: Plan, sset, shards: list, limit: int, seed: int, state):
     from pipeline import stream
     from pipeline.cache import CacheError, mb
 
-    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    procs = node_processes()
     beside = _validation_window(p) if p.train else 0
     share = limit // procs - beside
     if isinstance(state, dict):  # the grouping decides the order: a resumed loader keeps its own

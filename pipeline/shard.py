@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.manifest import FORMAT, IDX_VERSION, MANIFEST, SPLITS, index_line, shard_name, write_json_atomic
 from pipeline.source import ROLES, BadSample, Sample, Source, SourceError, load_sample, scan
-from pipeline.workers import as_done, worker_pool
+from pipeline.workers import as_done, cpu_share, worker_pool
 
 PARTIAL = ".partial"  # progress of an unfinished run: plan.json and one record per finished shard
 
@@ -40,7 +40,7 @@ class ShardSettings:
     shard_size: int = 1000
     val_fraction: float = 0.05
     seed: int = 0
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=cpu_share)
     strict: bool = False
     overwrite: bool = False
 

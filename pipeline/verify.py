@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline import store
 from pipeline.manifest import ROLES, SPLITS, parse_index, read_manifest
 from pipeline.source import BadSample, check_image, image_format
-from pipeline.workers import ordered, worker_pool
+from pipeline.workers import cpu_share, ordered, worker_pool
 
 
 class VerifyError(Exception):
@@ -165,7 +165,7 @@ def _through_cache(folder: str, entries: list[dict], cache_dir, cache_limit):
     return (str(cache.root), cache.limit), ShardSet(cache, str(folder), []).pin_set()
 
 
-def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cpu_count() or 1,
+def verify(folder: str | os.PathLike, decode: bool = False, workers: int | None = None,
            cache_dir: str | None = None, cache_limit: str | int | None = None) -> dict:
     """Raise VerifyError naming the first bad shard; return a summary when all are good."""
     folder = folder if store.is_remote(folder) else Path(folder)
@@ -180,7 +180,7 @@ def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cp
         raise VerifyError("the manifest's totals do not add up (packed + skipped != found).")
     sizes = {e["tar"]: e["bytes"] for e in entries}
     cache, pin = _through_cache(folder, entries, cache_dir, cache_limit)
-    with worker_pool(min(workers, len(entries)), __name__) as pool, \
+    with worker_pool(min(workers or cpu_share(), len(entries)), __name__) as pool, \
             tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify") as bar:
         for name, problem in ordered(pool, _verify_star, [(folder, e, decode, cache) for e in entries], window=64):
             if problem:

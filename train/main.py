@@ -25,6 +25,7 @@ from pipeline.augment import Augment
 from pipeline.loaders import build_loader
 from pipeline.manifest import LoaderError, ManifestError
 from pipeline.store import StoreError
+from pipeline.workers import cpu_share
 from train import checkpoint
 from train.dist import DistContext, cleanup, print0, setup
 from train.loop import NonFiniteLoss, StopRequest, train_one_epoch, validate
@@ -87,7 +88,7 @@ def start(run: Run, resumed: dict | None, step: int, stages: list[Stage]) -> Non
 
 def loaders(run: Run):
     s, ctx, stage = run.s, run.ctx, run.stage
-    workers = s.workers or max(1, (os.cpu_count() or 1) // ctx.world_size)
+    workers = s.workers or cpu_share()
     aug = Augment(rotate_interp=s.rotate_interp, shared=s.aug_shared) if s.augment else Augment.off()
     common = {"res": stage.res, "batch_size": stage.batch, "loader": s.loader, "device": str(ctx.device),
               "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers, "cache_dir": s.cache_dir, "cache_limit": s.cache_limit}
@@ -106,7 +107,7 @@ def loaders(run: Run):
 def train(s: TrainSettings, ctx: DistContext) -> int:
     torch.manual_seed(s.seed * 1000 + ctx.rank)
     if ctx.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))  # ranks share the cores
+        torch.set_num_threads(cpu_share())  # the node's ranks share its cores
     else:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

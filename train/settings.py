@@ -115,7 +115,7 @@ class TrainSettings:
     aug_shared: bool = field(default=True, metadata={"help": "photometric augmentation drawn once per sample for bg and fg_bg"})
     loader: str = field(default="dali", metadata={"help": "dali, torch, or synthetic (random tensors: the model alone)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
-    workers: int = field(default=0, metadata={"help": "loader threads (dali) or processes (torch) per rank; 0 = cores / ranks"})
+    workers: int = field(default=0, metadata={"help": "loader threads (dali) or processes (torch) per rank; 0 = the CPUs this process may use / the ranks on its node"})
     hw_decoder_load: float = field(default=-1.0, metadata={"help": "dali on a GPU: share of JPEGs for the hardware decoder; -1 = the loader's default (0.9)"})
     cache_dir: str = field(default="", metadata={"help": "node-local cache of s3:// shards, shared by the node's ranks; off = none; empty = $DEPTHSEG_CACHE_DIR, else ~/.cache/depthseg/shards"})
     cache_limit: str = field(default="", metadata={"help": "bytes the shard cache may hold, e.g. 20GB (a larger set is streamed through it); empty = $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 %% of the disk"})
