@@ -11,43 +11,24 @@ import sys
 
 import click
 
-from pipeline.make_dataset import DatasetError
-from pipeline.manifest import LoaderError, ManifestError
-from pipeline.shard import ShardError
-from pipeline.source import SourceError
-from pipeline.store import StoreError
-from pipeline.verify import VerifyError
+from pipeline.errors import DepthsegError
 from pipeline.workers import cpu_share
 
-USER_ERRORS = (DatasetError, LoaderError, ManifestError, ShardError, SourceError, StoreError, VerifyError)
 CPUS = cpu_share()
 
 
-def _train_errors() -> tuple:
-    """The trainer's error types, when its modules are loaded (they import torch)."""
-    found = []
-    for module, name in (("train.checkpoint", "CheckpointError"), ("train.predict", "PredictError"),
-                         ("train.export", "ExportError")):
-        if module in sys.modules:
-            found.append(getattr(sys.modules[module], name))
-    return tuple(found)
-
-
 def user_errors(fn):
-    """Our errors and OS errors (disk full, permission denied) become one line and exit code 1."""
+    """Our errors (every one a DepthsegError) and OS errors (disk full, permission denied) become one
+    line and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS + (ValueError,) as e:  # ValueError: bad option values found deep down
+        except (DepthsegError, ValueError) as e:  # ValueError: bad option values found deep down
             raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from None
-        except Exception as e:
-            if isinstance(e, _train_errors()):
-                raise click.ClickException(str(e)) from None
-            raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -24,11 +24,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from pipeline.errors import DepthsegError
 from pipeline.source import IMAGE_EXTS
 from pipeline.workers import cpu_share, ordered, worker_pool
 
 
-class DatasetError(Exception):
+class DatasetError(DepthsegError):
     """Bad settings or inputs; the message is one sentence for the user."""
 
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from pipeline import store
+from pipeline.errors import DepthsegError
 
 FORMAT = "depthseg-wds/1"
 MANIFEST = "manifest.json"
@@ -20,11 +21,11 @@ ROLES = ("bg", "fg_bg", "mask", "depth")
 IDX_VERSION = "v1.2"  # what DALI's wds2idx writes
 
 
-class ManifestError(Exception):
+class ManifestError(DepthsegError):
     """A shard folder that cannot be used; the message is one sentence for the user."""
 
 
-class LoaderError(Exception):
+class LoaderError(DepthsegError):
     """A shard whose contents cannot be decoded mid-epoch; the message is one sentence. It lives
     here, not in loaders.py, so that depthcli can name it without importing torch and DALI."""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.errors import DepthsegError
 from pipeline.manifest import FORMAT, IDX_VERSION, MANIFEST, SPLITS, index_line, shard_name, write_json_atomic
 from pipeline.source import ROLES, BadSample, Sample, Source, SourceError, load_sample, scan
 from pipeline.workers import as_done, cpu_share, worker_pool
@@ -29,7 +30,7 @@ from pipeline.workers import as_done, cpu_share, worker_pool
 PARTIAL = ".partial"  # progress of an unfinished run: plan.json and one record per finished shard
 
 
-class ShardError(Exception):
+class ShardError(DepthsegError):
     """The run cannot go on; the message is one sentence for the user."""
 
 

@@ -25,12 +25,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import store
+from pipeline.errors import DepthsegError
 from pipeline.manifest import ROLES, SPLITS, parse_index, read_manifest
 from pipeline.source import BadSample, check_image, image_format
 from pipeline.workers import cpu_share, ordered, worker_pool
 
 
-class VerifyError(Exception):
+class VerifyError(DepthsegError):
     """The first problem found; the message is one sentence for the user."""
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.errors import DepthsegError
 from train import checkpoint
 from train.metrics import MetricSums
 
@@ -36,7 +37,7 @@ TOLERANCE = {False: (1e-4, 1e-3), True: (2e-2, 2e-2)}  # fp16 -> (max abs diff, 
 CHECK_SAMPLES = 16
 
 
-class ExportError(Exception):
+class ExportError(DepthsegError):
     """Bad input or a failed export; the message is one sentence for the user."""
 
 

@@ -23,8 +23,7 @@ import torch.distributed as dist
 
 from pipeline.augment import Augment
 from pipeline.loaders import build_loader
-from pipeline.manifest import LoaderError, ManifestError
-from pipeline.store import StoreError
+from pipeline.errors import DepthsegError
 from pipeline.workers import cpu_share
 from train import checkpoint
 from train.dist import DistContext, cleanup, print0, setup
@@ -189,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = settings_from(argv)
         ctx = setup(s.device)
-    except (TrainingError, checkpoint.CheckpointError, RuntimeError) as e:
+    except (DepthsegError, RuntimeError) as e:  # RuntimeError: the process group could not start
         return fail(e, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     try:
         return train(s, ctx)
-    except (TrainingError, ManifestError, checkpoint.CheckpointError, ValueError, LoaderError, StoreError) as e:
+    except (DepthsegError, ValueError) as e:
         return fail(e, ctx.rank, ctx.world_size)
     finally:
         cleanup()

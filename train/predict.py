@@ -23,12 +23,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.errors import DepthsegError
 from train import checkpoint, precision
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-class PredictError(Exception):
+class PredictError(DepthsegError):
     """Bad input; the message is one sentence for the user."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import DepthsegError
 from train import checkpoint
 from train.losses import LossWeights
 from train.model import MODELS
@@ -54,7 +55,7 @@ def default_batch(res: int, gpu: bool) -> int:
     return (GPU_BATCH if gpu else CPU_BATCH).get(res, (128 if res > 128 else 256) if gpu else (8 if res > 128 else 16))
 
 
-class TrainingError(Exception):
+class TrainingError(DepthsegError):
     """Bad settings or input; the message is one sentence for the user."""
 
 
