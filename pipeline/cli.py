@@ -1,4 +1,6 @@
-"""`depthcli`: make a dataset, shard it, verify shards, benchmark loaders, evaluate and predict.
+"""`depthcli`'s data commands: make a dataset, shard it, verify, upload and cache shards, benchmark
+loaders. The model commands (evaluate, predict, export) join this group in train/cli.py, where
+the console script points: nothing here imports train/.
 
 Every command explains itself with --help, shows a progress bar on long work, ends with a one-line
 summary, and on bad input exits non-zero with one sentence instead of a traceback.
@@ -149,7 +151,8 @@ def upload_cmd(folder, url, overwrite):
     click.echo(f"uploaded {len(entries)} shards and their indexes, then {MANIFEST}, to {url}: {sent / 1e6:,.1f} MB")
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """--device: auto = the GPU if there is one; a cuda asked for without one is one sentence."""
     import torch
 
     if name == "auto":
@@ -157,15 +160,6 @@ def _device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise click.ClickException("--device cuda was asked for, but no GPU is available.")
     return name
-
-
-def _onnx_device(name: str) -> str:
-    """--device for onnxruntime: auto takes the GPU only if this onnxruntime has the CUDA provider
-    (the one pyproject installs has not), so auto never fails where the CPU would do; a cuda the
-    user named still needs it (OnnxRunner says so)."""
-    from train.export import cuda_provider
-
-    return "cpu" if name == "auto" and not cuda_provider() else _device(name)
 
 
 @main.command("bench")
@@ -192,7 +186,7 @@ def bench_cmd(loader, as_json, **kw):
     from pipeline.bench import bench_loader
     from pipeline.loaders import available_loaders
 
-    kw["device"] = _device(kw["device"])
+    kw["device"] = resolve_device(kw["device"])
     names = available_loaders() if loader == "all" else [loader]
     results = [bench_loader(loader=name, **kw) for name in names]
     for r in results:
@@ -204,65 +198,6 @@ def bench_cmd(loader, as_json, **kw):
                       if "gpu_peak_gb" in r else ""))
     if len(results) == 2 and not as_json:
         click.echo(f"dali / torch = {results[0]['samples_per_s'] / results[1]['samples_per_s']:.2f}")
-
-
-@main.command("evaluate")
-@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="A checkpoint from train/main.py.")
-@click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder or s3://bucket/prefix.")
-@click.option("--split", default="val", show_default=True, help="Split to evaluate.")
-@click.option("--res", default=0, help="Resolution. (default: the checkpoint's)")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
-@click.option("--bf16/--no-bf16", default=True, show_default=True, help="PyTorch in bf16 autocast where the device runs it "
-              "fast (GPUs, CPUs with AMX), else float32.")
-@click.option("--baseline", is_flag=True, help="Also score the non-learned baselines (mask: |fg_bg - bg| > t, t "
-              "chosen on the train split; depth: the train split's mean map) and compare in the last line.")
-@cache_options
-@user_errors
-def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_json, bf16, baseline, cache_dir,
-                 cache_limit):
-    """Print the metric table (rows Mask, Depth, Avg) of a checkpoint over a split."""
-    import json
-
-    from pipeline.loaders import build_loader
-    from train.checkpoint import load, load_model
-    from train.evaluate import evaluate
-    from train.metrics import format_table
-    from train.precision import choose
-
-    device = _device(device)
-    ckpt = load(ckpt_path)
-    res = res or ckpt["res"]
-    common = {"res": res, "batch_size": batch_size, "loader": loader, "device": device, "train": False,
-              "cache_dir": cache_dir, "cache_limit": cache_limit}
-    data = build_loader(shards, split=split, **common)
-    from train.losses import LossWeights
-
-    saved = ckpt.get("settings", {})  # the run's own loss, so the loss printed is the one it was trained on
-    weights = LossWeights(**{k: saved[k] for k in ("w_ssim", "w_l1", "w_edge", "w_bce", "w_dice", "mask_image_terms")
-                             if k in saved})
-    metrics, _ = evaluate(load_model(ckpt, device, name=ckpt_path), data, device, weights, choose(device, bf16),
-                          progress=True)
-    base = None
-    if baseline:
-        from train import baselines
-
-        fitted = baselines.fit(build_loader(shards, split="train", **common))
-        base = baselines.score(fitted, data)
-        metrics.update({f"baseline/{k}": v for k, v in base.items()}, **{"baseline/threshold": fitted.threshold})
-    if as_json:
-        click.echo(json.dumps(metrics))
-        return
-    click.echo(format_table(metrics))
-    if base:
-        click.echo(f"baselines (mask |fg_bg - bg| > {fitted.threshold:.2f}, depth = the train split's mean map):\n"
-                   + format_table(base))
-    vs = (lambda key: f" (baseline {base[key]:.4f})") if base else (lambda key: "")
-    click.echo(f"{split}: {int(metrics['samples']):,} samples at {res}px, loss {metrics['loss']:.4f}, "
-               f"mask IoU {metrics['mask/iou']:.4f}{vs('mask/iou')}, depth rms {metrics['depth/rms']:.4f}"
-               f"{vs('depth/rms')} ({ckpt['model']} model, step {ckpt['step']})")
 
 
 @main.group("cache")
@@ -301,59 +236,3 @@ def cache_clear_cmd(url, cache_dir):
     removed, kept = cache.clear(url)
     click.echo(f"removed {removed} shard(s) from {cache.root}" + (f" ({url})" if url else "")
                + (f"; kept {kept} in use" if kept else "") + f"; it now holds {mb(cache.used())}")
-
-
-@main.command("predict")
-@click.option("--checkpoint", "ckpt_path", type=click.Path(), help="A checkpoint from train/main.py (or give --onnx).")
-@click.option("--onnx", "onnx_path", type=click.Path(), help="A file from depthcli export, run in onnxruntime instead of PyTorch.")
-@click.option("--bg", required=True, type=click.Path(), help="Background image, or a folder of them.")
-@click.option("--fg-bg", required=True, type=click.Path(), help="The scene with the object, or a folder of them (paired by name).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--res", default=0, help="Resolution the model runs at. (default: the checkpoint's or the file's)")
-@click.option("--batch-size", default=16, show_default=True, help="Pairs per model call.")
-@click.option("--workers", default=min(4, CPUS), show_default=True, help="Threads that read, resize and write images.")
-@click.option("--threads", default=0, help="CPU threads of the model (torch or onnxruntime). (default: the library's, all cores)")
-@click.option("--side/--no-side", default=True, show_default=True, help="Also write <name>_side.png (most of the writing time).")
-@click.option("--bf16/--no-bf16", default=True, show_default=True, help="PyTorch in bf16 autocast where the device runs it "
-              "fast (GPUs, CPUs with AMX), else float32.")
-@click.option("--device", default="auto", show_default=True,
-              help="auto, cpu or cuda. With --onnx, auto takes the GPU only through onnxruntime-gpu.")
-@user_errors
-def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, threads, side, bf16, device):
-    """Predict mask and depth for images of any size: writes <name>_mask.png and <name>_depth.png
-    at the input's size, and <name>_side.png (bg | fg_bg | mask | depth). Pairs run in batches,
-    in PyTorch (--checkpoint) or onnxruntime (--onnx), while threads read and write images."""
-    from train.predict import predict
-
-    device = _onnx_device(device) if onnx_path else _device(device)
-    r = predict(ckpt_path, bg, fg_bg, out, device=device, res=res, batch_size=batch_size,
-                workers=workers, onnx_path=onnx_path, threads=threads, side=side, bf16=bf16)
-    click.echo(f"predicted {r['pairs']} pair(s) into {out} in {r['seconds']:.1f} s ({r['pairs'] / r['seconds']:,.1f} pairs/s; "
-               f"{r['runner']}, {r['res']}px, batch {r['batch_size']}), e.g. {r['written'][0]}")
-
-
-@main.command("export")
-@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="A checkpoint from train/main.py.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
-@click.option("--res", default=0, help="Input height and width of the file. (default: the checkpoint's)")
-@click.option("--dynamic", is_flag=True, help="Dynamic height and width too (multiples of 4); the batch axis always is.")
-@click.option("--fp16", is_flag=True, help="Weights and activations in float16 inside (inputs and outputs stay float32): half the file; for GPUs, slower on a CPU.")
-@click.option("--opset", type=int, help="ONNX opset to write. (default: the exporter's)")
-@click.option("--shards", type=click.Path(), help="Shards whose val split the check runs on. (default: the checkpoint's own, if here; else random inputs)")
-@click.option("--check-samples", default=16, show_default=True, type=click.IntRange(1), help="Samples the check compares.")
-@user_errors
-def export_cmd(ckpt_path, out, res, dynamic, fp16, opset, shards, check_samples):
-    """Export a checkpoint to ONNX (inputs bg, fg_bg: B×3×H×W float in [0, 1]; outputs mask,
-    depth: B×1×H×W) with its resolution and training record in the metadata, then check that
-    onnxruntime on the CPU agrees with PyTorch; the file is written only if it does."""
-    from train.export import export
-
-    r = export(ckpt_path, out, res=res, dynamic=dynamic, fp16=fp16, opset=opset, shards=shards, samples=check_samples)
-    metric = "n/a (no targets)" if r["metric_diff"] != r["metric_diff"] else f"{r['metric_diff']:.1e}"
-    click.echo(f"exported {r['model']} to {r['out']} ({r['bytes'] / 1e6:.1f} MB, opset {r['opset']}, {r['res']}px, batch"
-               f"{', H, W' if r['dynamic'] else ''} dynamic{', fp16' if r['fp16'] else ''}); onnxruntime vs PyTorch on "
-               f"{r['source']}: max abs diff {r['max_abs_diff']:.1e}, metric diff {metric} (tolerance {r['tolerance']:.0e})")
-
-
-if __name__ == "__main__":
-    main()

@@ -144,7 +144,7 @@ def run_cmd(cmd: list[str], budget: Budget, cwd: Path = ROOT) -> str:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "train.cli", *args]
 
 
 def dataset(work: Path, budget: Budget) -> Path:
