@@ -151,10 +151,9 @@ def _shards(p: Plan) -> list:
 def _read_order(p: Plan, shards: list, loader: str) -> list:
     """The split's shards from the one holding the rank's first sample on (DALI opens them all;
     the torch loader reads its part only)."""
-    lo, hi = p.part
-    first = max(k for k, a in enumerate(p.starts) if a <= lo)
     if loader == "torch":
-        return [s for s, a, n in zip(shards, p.starts, p.counts) if a < hi and a + n > lo]
+        return [shards[k] for k in p.part_shards]
+    first = max(k for k, a in enumerate(p.starts) if a <= p.part[0])
     return shards[first:] + shards[:first]
 
 

@@ -32,12 +32,11 @@ from torch.utils.data import DataLoader, default_collate, get_worker_info
 from webdataset.gopen import gopen
 
 from pipeline.augment import Augment
-from pipeline.epoch import Plan, to_contract
+from pipeline.epoch import SHUFFLE_BUFFER, Plan, derive_seed, to_contract
 from pipeline.manifest import ROLES, LoaderError, parse_index
 from pipeline.store import StoreError
 from pipeline.workers import forked
 
-SHUFFLE_BUFFER = 1024  # as the DALI reader's
 
 
 def decode_jpeg(data: bytes, gray: bool, res: int) -> np.ndarray:
@@ -168,7 +167,7 @@ class SampleStage:
 
     def _setup(self):
         info = get_worker_info()
-        seed = self.seed * 1000 + (info.id if info else 0)
+        seed = derive_seed("torch-worker", self.seed, info.id if info else 0)
         self.ops = cpu_transforms(self.aug) if self.aug else ()
         # One generator pair for all ops: Compose(seed=s) gives every op its own generator seeded
         # with s, so their draws coincide (every vertical flip would also be a horizontal one).
@@ -371,8 +370,7 @@ class TorchLoader:
 
     def _part_tars(self) -> list[str]:
         """The shards that hold some of this rank's part."""
-        lo, hi = self.plan.part
-        return [t for t, a, n in zip(self.plan.tars, self.plan.starts, self.plan.counts) if a < hi and a + n > lo]
+        return [self.plan.tars[k] for k in self.plan.part_shards]
 
     def _loader(self, ds, tars: list[str]) -> DataLoader:
         workers = min(self.workers, len(tars))
@@ -382,7 +380,7 @@ class TorchLoader:
     def _train_loader(self):
         """This rank's part, shards and samples shuffled anew each epoch; each worker cycles its
         shards (.repeat()) so the rank always has its len() full batches, whatever the tails."""
-        rank_seed = (self.seed * 1000 + self.plan.rank) * 1000 + self.epoch
+        rank_seed = derive_seed("torch-loader", self.seed, self.plan.rank, self.epoch)
         tars = self._part_tars()
         stage = SampleStage(None if self.on_device else self.aug, self.res, rank_seed, floats=not self.on_device)
         ds = wds.DataPipeline(  # what wds.WebDataset does, with IndexedSamples reading the tars

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from pipeline.augment import Augment
 from pipeline.loaders import build_loader
+from pipeline.epoch import derive_seed
 from pipeline.errors import DepthsegError
 from pipeline.workers import cpu_share
 from train import checkpoint
@@ -104,7 +105,7 @@ def loaders(run: Run):
 
 
 def train(s: TrainSettings, ctx: DistContext) -> int:
-    torch.manual_seed(s.seed * 1000 + ctx.rank)
+    torch.manual_seed(derive_seed("trainer", s.seed, ctx.rank))
     if ctx.device.type == "cpu":
         torch.set_num_threads(cpu_share())  # the node's ranks share its cores
     else:
