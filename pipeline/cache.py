@@ -38,6 +38,12 @@ from pipeline import store
 from pipeline.manifest import LoaderError
 
 ENV_DIR, ENV_LIMIT = "DEPTHSEG_CACHE_DIR", "DEPTHSEG_CACHE_LIMIT"
+# --cache-dir and --cache-limit, for depthcli and the trainer alike.
+CACHE_DIR_HELP = ("node-local cache of s3:// shards, shared by the node's processes; off = none (DALI then reads the "
+                  "store itself, slowly); empty = $DEPTHSEG_CACHE_DIR, else $XDG_CACHE_HOME/depthseg/shards, else "
+                  "~/.cache/depthseg/shards")
+CACHE_LIMIT_HELP = ("bytes the shard cache may hold, e.g. 500MB or 20GB; a set larger than this is streamed through "
+                    "it; empty = $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 per cent of the disk")
 OFF = "off"  # --cache-dir off: no cache (DALI then reads s3:// itself, one small GET per member)
 STAMP, PART = ".ok", ".part"
 # How long a process waits for room that other processes' pins hold, before it says so.

@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import functools
 import sys
+from dataclasses import MISSING, fields
 
 import click
 
+from pipeline.cache import CACHE_DIR_HELP, CACHE_LIMIT_HELP
 from pipeline.errors import DepthsegError
+from pipeline.make_dataset import MakeSettings
+from pipeline.shard import ShardSettings
 from pipeline.workers import cpu_share
 
 CPUS = cpu_share()
+
+
+def default(settings, name: str):
+    """A settings dataclass's default for `name`: an option shows the value its command will use,
+    from the one place that holds it."""
+    f = next(f for f in fields(settings) if f.name == name)
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 def user_errors(fn):
@@ -38,13 +49,6 @@ def user_errors(fn):
     return wrapper
 
 
-CACHE_DIR_HELP = ("Node-local cache of s3:// shards, shared by the node's processes; off = none (DALI then reads "
-                  "the store itself, slowly). (default: $DEPTHSEG_CACHE_DIR, else $XDG_CACHE_HOME/depthseg/shards, "
-                  "~/.cache/depthseg/shards)")
-CACHE_LIMIT_HELP = ("Bytes the shard cache may hold, e.g. 500MB or 20GB; a set larger than this is streamed through "
-                    "it. (default: $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 % of the disk)")
-
-
 def cache_options(fn):
     """--cache-dir and --cache-limit, for the commands that read shards."""
     fn = click.option("--cache-limit", default="", help=CACHE_LIMIT_HELP)(fn)
@@ -62,11 +66,11 @@ def main():
 @click.option("--fg-dir", type=click.Path(exists=True, file_okay=False), help="Foreground cut-outs: RGBA images, or RGB with masks/<stem>.png. (default: procedural figures)")
 @click.option("--num-bg", type=int, help="Backgrounds to use. (default: 100, or all of --bg-dir)")
 @click.option("--num-fg", type=int, help="Foregrounds to use. (default: 100, or all of --fg-dir)")
-@click.option("--placements", default=20, show_default=True, help="Random positions per background, foreground and flip.")
-@click.option("--size", default=224, show_default=True, help="Side of the square images in pixels.")
-@click.option("--quality", default=65, show_default=True, help="JPEG quality of every written image.")
-@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
-@click.option("--workers", default=CPUS, show_default=True, help="Worker processes.")
+@click.option("--placements", default=default(MakeSettings, "placements"), show_default=True, help="Random positions per background, foreground and flip.")
+@click.option("--size", default=default(MakeSettings, "size"), show_default=True, help="Side of the square images in pixels.")
+@click.option("--quality", default=default(MakeSettings, "quality"), show_default=True, help="JPEG quality of every written image.")
+@click.option("--seed", default=default(MakeSettings, "seed"), show_default=True, help="Same seed, same bytes.")
+@click.option("--workers", default=default(MakeSettings, "workers"), show_default=True, help="Worker processes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @user_errors
 def make_dataset_cmd(**kw):
@@ -82,11 +86,11 @@ def make_dataset_cmd(**kw):
 
 @main.command("shard")
 @click.option("--src", "src", multiple=True, required=True, type=click.Path(), help="A zip or folder in the original layout; repeat for several.")
-@click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
-@click.option("--val-fraction", default=0.05, show_default=True, help="Fraction of samples for the val split.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the shuffle and the split.")
-@click.option("--workers", default=CPUS, show_default=True, help="Worker processes.")
+@click.option("--out", default=default(ShardSettings, "out"), show_default=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--shard-size", default=default(ShardSettings, "shard_size"), show_default=True, help="Samples per shard.")
+@click.option("--val-fraction", default=default(ShardSettings, "val_fraction"), show_default=True, help="Fraction of samples for the val split.")
+@click.option("--seed", default=default(ShardSettings, "seed"), show_default=True, help="Seed of the shuffle and the split.")
+@click.option("--workers", default=default(ShardSettings, "workers"), show_default=True, help="Worker processes.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad sample instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing shard set in --out.")
 @user_errors

@@ -15,7 +15,23 @@ from pathlib import Path
 import torch
 
 from pipeline import store
+from pipeline.errors import DepthsegError
 from pipeline.manifest import ManifestError, read_manifest, split_shards
+
+# Sides the models can run at: their two stride-2 stages and two x2 upsamplings meet their skips
+# only at multiples of 4. A loader, the trainer, predict and export all ask check_res.
+RES_MULTIPLE, RES_MIN = 4, 16
+
+
+class ResolutionError(DepthsegError, ValueError):
+    """A --res the models cannot run at."""
+
+
+def check_res(res: int) -> int:
+    """`res` when the models can run at it, else one sentence."""
+    if res % RES_MULTIPLE or res < RES_MIN:
+        raise ResolutionError(f"--res must be a multiple of {RES_MULTIPLE} and at least {RES_MIN}, got {res}.")
+    return res
 
 # Samples a training reader shuffles among: DALI's initial_fill, the torch loader's buffer, the
 # cap of a streamed group. Small is enough: the packer already shuffled samples across shards.

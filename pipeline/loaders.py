@@ -31,7 +31,7 @@ import torch
 
 from pipeline import store
 from pipeline.augment import Augment
-from pipeline.epoch import Plan, plan  # noqa: F401 (re-exported)
+from pipeline.epoch import Plan, check_res, plan  # noqa: F401 (re-exported)
 from pipeline.manifest import LoaderError, ManifestError  # noqa: F401 (re-exported)
 from pipeline.workers import cpu_share, node_processes
 
@@ -53,8 +53,7 @@ def build_loader(shards: str | os.PathLike, split: str = "train", res: int = 224
     size such as "20GB")."""
     train = split == "train" if train is None else train
     augment = (augment or Augment()) if train else Augment.off()
-    if res % 4 or res < 16:
-        raise ValueError(f"--res must be a multiple of 4 and at least 16, got {res}")
+    check_res(res)
     if loader == "synthetic":
         return SyntheticLoader(res, batch_size, device)
     if loader not in LOADERS:

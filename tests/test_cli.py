@@ -65,3 +65,30 @@ def test_loss_weights_come_from_the_settings_by_name():
     s.update(w_ssim=0.5, w_l1=0.25, w_edge=0.0, w_bce=2.0, w_dice=0.0, mask_image_terms=True)
     assert asdict(loss_weights(s)) == {k: s[k] for k in asdict(LossWeights())}
     assert loss_weights({}) == LossWeights()  # an older run's checkpoint without them
+
+
+def test_option_defaults_are_the_settings_defaults():
+    """The shard and make-dataset options show the defaults their settings dataclasses hold."""
+    from pipeline.cli import default
+    from pipeline.make_dataset import MakeSettings
+    from pipeline.shard import ShardSettings
+
+    _, cli = console_script()
+    for command, settings in (("shard", ShardSettings), ("make-dataset", MakeSettings)):
+        # The options with a value for a default (flags default to False, the others have none).
+        options = {p.name: p.default for p in cli.commands[command].params
+                   if isinstance(p.default, (int, float, str)) and not isinstance(p.default, bool)}
+        shared = [f.name for f in fields(settings) if f.name in options]
+        assert len(shared) >= 5
+        assert {k: options[k] for k in shared} == {k: default(settings, k) for k in shared}
+
+
+def test_the_cache_options_say_the_same_in_depthcli_and_the_trainer():
+    from pipeline.cache import CACHE_DIR_HELP, CACHE_LIMIT_HELP
+    from train.settings import TrainSettings
+
+    _, cli = console_script()
+    helps = {p.name: p.help for p in cli.commands["evaluate"].params}
+    trainer = {f.name: f.metadata["help"] for f in fields(TrainSettings)}
+    assert helps["cache_dir"] == trainer["cache_dir"] == CACHE_DIR_HELP
+    assert helps["cache_limit"] == trainer["cache_limit"] == CACHE_LIMIT_HELP

@@ -2,6 +2,8 @@
 
 import itertools
 
+import pytest
+
 from pipeline.epoch import Plan, derive_seed
 
 
@@ -27,3 +29,21 @@ def test_a_rank_reads_the_shards_that_hold_its_part():
     assert [plan([10, 10, 10], r, 3).part_shards for r in range(3)] == [[0], [1], [2]]
     assert [plan([10, 10, 10], r, 2).part_shards for r in range(2)] == [[0, 1], [1, 2]]
     assert plan([10, 0, 10], 1, 2).part_shards == [2]  # an empty shard holds nothing of anyone's
+
+
+def test_res_is_checked_by_one_rule():
+    from pipeline.epoch import ResolutionError, check_res
+
+    assert check_res(64) == 64
+    for bad in (30, 12, 0):
+        with pytest.raises(ResolutionError, match="--res must be a multiple of 4 and at least 16"):
+            check_res(bad)
+
+
+def test_the_trainer_says_a_bad_res_before_it_writes_settings(tmp_path, capsys):
+    from train.main import main as train_main
+
+    out = tmp_path / "run"
+    assert train_main(["--shards", str(tmp_path), "--out", str(out), "--device", "cpu", "--res", "64,30"]) == 1
+    assert capsys.readouterr().err == "error: --res must be a multiple of 4 and at least 16, got 30.\n"
+    assert not out.exists()

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.epoch import check_res
 from pipeline.errors import DepthsegError
 from train import checkpoint, precision
 
@@ -155,9 +156,7 @@ def runner(checkpoint_path: str | None, onnx_path: str | None, device: str, res:
                                f"--res {res} cannot run on it.")
     else:
         run = TorchRunner(checkpoint_path, device, bf16)
-    res = res or run.res
-    if res % 4 or res < 16:
-        raise PredictError(f"--res must be a multiple of 4 and at least 16, got {res}.")
+    res = check_res(res or run.res)
     return run, res
 
 

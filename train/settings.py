@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cache import CACHE_DIR_HELP, CACHE_LIMIT_HELP
+from pipeline.epoch import check_res
 from pipeline.errors import DepthsegError
 from train import checkpoint
 from train.losses import LossWeights
@@ -118,8 +120,8 @@ class TrainSettings:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
     workers: int = field(default=0, metadata={"help": "loader threads (dali) or processes (torch) per rank; 0 = the CPUs this process may use / the ranks on its node"})
     hw_decoder_load: float = field(default=-1.0, metadata={"help": "dali on a GPU: share of JPEGs for the hardware decoder; -1 = the loader's default (0.9)"})
-    cache_dir: str = field(default="", metadata={"help": "node-local cache of s3:// shards, shared by the node's ranks; off = none; empty = $DEPTHSEG_CACHE_DIR, else ~/.cache/depthseg/shards"})
-    cache_limit: str = field(default="", metadata={"help": "bytes the shard cache may hold, e.g. 20GB (a larger set is streamed through it); empty = $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 %% of the disk"})
+    cache_dir: str = field(default="", metadata={"help": CACHE_DIR_HELP})
+    cache_limit: str = field(default="", metadata={"help": CACHE_LIMIT_HELP})
     augment: bool = field(default=True, metadata={"help": "the reference's training augmentation"})
     rotate_interp: str = field(default="linear", metadata={"help": "rotation of bg and fg_bg: linear or nearest"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast where the device runs it fast: GPUs, and CPUs with AMX "
@@ -154,6 +156,8 @@ class TrainSettings:
             if len(getattr(self, name)) not in (1, n):
                 raise TrainingError(f"--{name.replace('_', '-')} {_shown(getattr(self, name))} gives "
                                     f"{len(getattr(self, name))} values for {n} stages of --res; give one, or one per stage.")
+        for r in self.res:  # here, before settings.json is written, not at the loader
+            check_res(r)
         if len(set(self.res)) < n:
             raise TrainingError(f"--res {_shown(self.res)} repeats a resolution; each stage needs its own.")
         if not all(self.epochs):
