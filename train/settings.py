@@ -10,6 +10,7 @@ progressive run, and the command line itself.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ USAGE = """Train the mask + depth model with PyTorch DDP.
     torchrun --nproc_per_node 2 train/main.py --res 64 --shards shards/ --out runs/r64
     torchrun --nproc_per_node 2 train/main.py --res 64,128,224 --epochs 8,3,2 --out runs/prog
     python train/main.py --res 64 --epochs 1          # one process works too
+    python train/main.py --config runs/r64/settings.json --out runs/again --seed 1   # a run's settings, flags over them
 
 nccl on GPUs, gloo on the CPU; bf16 autocast where the device runs it fast (GPUs, CPUs with
 AMX), channels_last everywhere. Every rank reads its own part of the shards through the DALI
@@ -216,6 +218,9 @@ def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
     """One flag per TrainSettings field, --no-X for booleans, each help ending in its default.
     only_given: no defaults, so parsing returns just the flags on the command line."""
     p = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Not a setting (absent unless given): the file whose settings the others default to.
+    p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                   help="start a new run from a run's settings.json; flags given override it (default: none)")
     for f in fields(TrainSettings):
         flag, default = "--" + f.name.replace("_", "-"), f.default
         shown = argparse.SUPPRESS if only_given else default
@@ -233,10 +238,16 @@ def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
 
 
 def settings_from(argv: list[str] | None) -> TrainSettings:
-    """The command line's settings; with --resume, the run's own, changed only where allowed."""
+    """The command line's settings over --config's (if given), the recipe filling the rest; with
+    --resume, the run's own, changed only where allowed."""
     given = vars(get_args_parser(only_given=True).parse_args(argv))
-    s = TrainSettings(**vars(get_args_parser().parse_args(argv)))
-    s = replace(s, **{k: v for k, v in RECIPES[s.recipe].items() if k not in given})
+    config = read_config(given.pop("config", None))
+    parsed = vars(get_args_parser().parse_args(argv))
+    parsed.pop("config", None)
+    s = TrainSettings(**{**parsed, **{k: v for k, v in config.items() if k not in given}})
+    # The recipe fills what neither the flags nor the file say; a --recipe given fills as without a file.
+    said = given if "recipe" in given else {**config, **given}
+    s = replace(s, **{k: v for k, v in RECIPES[s.recipe].items() if k not in said})
     last = Path(s.out) / "last.pt"
     if not s.resume or not last.is_file():
         return s
@@ -249,6 +260,21 @@ def settings_from(argv: list[str] | None) -> TrainSettings:
                             f"{_shown(getattr(s, k))} differs from the run's {_shown(getattr(saved, k, None))}; "
                             f"drop it or start a new --out.")
     return replace(saved, **{k: getattr(s, k) for k in given if k in RESUMABLE_CHANGES})
+
+
+def read_config(path: str | None) -> dict:
+    """The settings a --config file holds (a run's settings.json), for a new run: its --resume is
+    not carried over, and keys of other versions' settings are left out."""
+    if not path:
+        return {}
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"--config {path}: cannot read it as a run's settings.json ({e}).") from None
+    if not isinstance(saved, dict):
+        raise TrainingError(f"--config {path}: a run's settings.json holds one JSON object, not {type(saved).__name__}.")
+    known = {f.name for f in fields(TrainSettings)} - {"resume"}
+    return {k: v for k, v in saved.items() if k in known}
 
 
 def _shown(value) -> str:
