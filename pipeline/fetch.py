@@ -23,7 +23,8 @@ from pathlib import Path
 
 from pipeline import store
 from pipeline.cache import PART, STAMP, Cache, CacheError, Shard, ShardFiles, disk_full, is_disk_full, lock, set_folder, unlock
-from pipeline.manifest import parse_index, write_json_atomic
+from pipeline.manifest import write_json_atomic
+from pipeline.tar_index import index_matches, parse_index
 
 FETCH_THREADS = 4  # shards in flight per process
 
@@ -203,20 +204,3 @@ class ShardSet:
             raise BadShard(url, f"{s.index} lists {len(samples)} samples, the manifest says {s.samples}")
         if not index_matches(parts[0], samples, s.bytes):
             raise BadShard(url, f"{s.index} does not agree with {s.tar}")
-
-
-def index_matches(tar: Path, samples: list[list[tuple[str, int, int]]], size: int) -> bool:
-    """Every member the index lists lies inside the tar, behind a header that carries its name:
-    an index of another tar (an older set's) would mix members of different samples."""
-    fd = os.open(tar, os.O_RDONLY)
-    try:
-        for members in samples:
-            for name, offset, n in members:
-                want = name.encode()
-                if offset < 512 or offset + n > size:
-                    return False
-                if len(want) <= 100 and os.pread(fd, 100, offset - 512).rstrip(b"\0") != want:
-                    return False
-        return True
-    finally:
-        os.close(fd)

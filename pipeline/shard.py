@@ -23,8 +23,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import DepthsegError
-from pipeline.manifest import FORMAT, IDX_VERSION, MANIFEST, SPLITS, index_line, shard_name, write_json_atomic
+from pipeline.manifest import FORMAT, MANIFEST, SPLITS, shard_name, write_json_atomic
 from pipeline.source import ROLES, BadSample, Sample, Source, SourceError, load_sample, scan
+from pipeline.tar_index import IDX_VERSION, index_line
 from pipeline.workers import as_done, cpu_share, worker_pool
 
 PARTIAL = ".partial"  # progress of an unfinished run: plan.json and one record per finished shard

@@ -32,8 +32,9 @@ import numpy as np
 from pipeline.cache import CacheError, Shard, mb
 from pipeline.epoch import SHUFFLE_BUFFER, Plan, derive_seed
 from pipeline.fetch import ShardSet
-from pipeline.manifest import ROLES, parse_index
+from pipeline.manifest import ROLES
 from pipeline.store import StoreError
+from pipeline.tar_index import parse_index
 
 WINDOW = 3  # groups pinned at once
 

@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from pipeline import store
 from pipeline.errors import DepthsegError
-from pipeline.manifest import ROLES, SPLITS, parse_index, read_manifest
+from pipeline.manifest import ROLES, SPLITS, read_manifest
 from pipeline.source import BadSample, check_image, image_format
+from pipeline.tar_index import parse_index
 from pipeline.workers import cpu_share, ordered, worker_pool
 
 
