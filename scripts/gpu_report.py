@@ -71,6 +71,11 @@ def _f(x, fmt="{:,.0f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _goal(what: str, target: str, measured: str, met: bool | None) -> str:
+    """A row of the goals table; met None: a figure reported, not judged."""
+    return f"| {what} | {target} | {measured} | {'–' if met is None else 'met' if met else 'not met'} |"
+
+
 def markdown(report: dict) -> str:
     f, stages, s = report.get("facts", {}), report["stages"], report["summary"]
     lines = ["## GPU check (`bash scripts/gpu_check.sh OUT`)", "",
@@ -118,23 +123,22 @@ def markdown(report: dict) -> str:
     lines += predict_lines(stages.get("predict", {}))
     goals = []
     if "dali_224_samples_per_s" in s:
-        goals.append(f"| DALI loader at 224 px | ≥ {GOALS['dali_224']:,} samples/s | {_f(s['dali_224_samples_per_s'])} | "
-                     f"{'met' if s['dali_224_goal_met'] else 'not met'} |")
+        goals.append(_goal("DALI loader at 224 px", f"≥ {GOALS['dali_224']:,} samples/s", _f(s["dali_224_samples_per_s"]),
+                           s["dali_224_goal_met"]))
     if "dali_never_the_bottleneck" in s:
         worst = min(v["dali_over_synthetic"] for v in s["verdicts"].values())
-        goals.append(f"| training with DALI vs synthetic, every resolution | ≥ {GOALS['ratio']} | {worst:.2f} (lowest) | "
-                     f"{'met' if s['dali_never_the_bottleneck'] else 'not met'} |")
+        goals.append(_goal("training with DALI vs synthetic, every resolution", f"≥ {GOALS['ratio']}", f"{worst:.2f} (lowest)",
+                           s["dali_never_the_bottleneck"]))
     if "train_224_samples_per_s" in s:
-        goals.append(f"| training at 224 px (DALI) | ≥ {GOALS['train_224']:,} samples/s | "
-                     f"{_f(s['train_224_samples_per_s']['dali'])} | {'met' if s['train_224_goal_met'] else 'not met'} |")
-    if "train_224_samples_per_s" in s:
-        goals.append(f"| training at 224 px, the model alone (synthetic) | ≥ {GOALS['train_224_model']:,} samples/s | "
-                     f"{_f(s['train_224_samples_per_s']['synthetic'])} | {'met' if s['train_224_model_goal_met'] else 'not met'} |")
+        rates = s["train_224_samples_per_s"]
+        goals.append(_goal("training at 224 px (DALI)", f"≥ {GOALS['train_224']:,} samples/s", _f(rates["dali"]),
+                           s["train_224_goal_met"]))
+        goals.append(_goal("training at 224 px, the model alone (synthetic)", f"≥ {GOALS['train_224_model']:,} samples/s",
+                           _f(rates["synthetic"]), s["train_224_model_goal_met"]))
     if "epoch_400k_s" in s:
-        goals.append(f"| a 224 px epoch of 400k samples | < 3 min | {s['epoch_400k_s'] / 60:.1f} min | "
-                     f"{'met' if s['epoch_goal_met'] else 'not met'} |")
+        goals.append(_goal("a 224 px epoch of 400k samples", "< 3 min", f"{s['epoch_400k_s'] / 60:.1f} min", s["epoch_goal_met"]))
     if "train_peak_gb" in s:
-        goals.append(f"| peak GPU memory (torch, training) | reported | {s['train_peak_gb']:.1f} GB | – |")
+        goals.append(_goal("peak GPU memory (torch, training)", "reported", f"{s['train_peak_gb']:.1f} GB", None))
     if goals:
         lines += ["| goal | target | measured | |", "|---|---|---:|---|", *goals, ""]
     # A stage not run says why in a sentence; the tests stage's "skipped" is a list of tests.
