@@ -82,19 +82,17 @@ def through_cache(p: Plan, loader: str, cache_dir, cache_limit, seed: int, state
     """(plan, stream source or None, pin or None): the plan on cached files when the set fits the
     cache's budget; for DALI otherwise a source streaming through it; else the plan unchanged.
     A resumed DALI loader keeps the way its state was made, which decides the order."""
-    streamed = isinstance(state, dict)
-    if not store.is_remote(p.shards) or str(cache_dir).lower() == "off":
+    from pipeline.cache import CacheError, localize, mb
+    from pipeline.fetch import ShardSet
+
+    streamed, cache = isinstance(state, dict), localize(p.shards, cache_dir, cache_limit)
+    if cache is None:
         if streamed:
             raise LoaderError(f"the loader state was saved streaming {p.shards} through the shard cache; resume "
                               f"from the same s3:// prefix with the cache on.")
         return p, None, None
-    from pipeline.cache import Cache, CacheError, mb
-    from pipeline.fetch import ShardSet
-
-    cache = Cache(cache_dir or None, cache_limit)
-    shards = _shards(p)
+    fits, shards = cache.fits(p.set_bytes), _shards(p)
     sset = ShardSet(cache, p.shards, shards)
-    fits = p.set_bytes <= cache.limit
     if loader == "torch" and not fits:
         return p, None, None
     if loader == "dali" and (streamed or (state is None and not fits)):

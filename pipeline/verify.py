@@ -153,18 +153,17 @@ def _verify_star(args):
 
 def _through_cache(folder: str, entries: list[dict], cache_dir, cache_limit):
     """(root, limit) of the shard cache for an s3:// set that fits it, and a pin on the set; else None."""
-    if not store.is_remote(folder) or str(cache_dir).lower() == "off":
-        return None, None
-    from pipeline.cache import Cache
-    from pipeline.fetch import ShardSet
+    from pipeline.cache import CachedSet, localize
 
+    cache = localize(folder, cache_dir, cache_limit)
+    if cache is None:
+        return None, None
     sizes = store.sizes(str(folder))
     for e in entries:
         e["index_bytes"] = sizes.get(e["index"], 0)
-    cache = Cache(cache_dir or None, cache_limit)
-    if sum(e["bytes"] + e["index_bytes"] for e in entries) > cache.limit:
+    if not cache.fits(sum(e["bytes"] + e["index_bytes"] for e in entries)):
         return None, None
-    return (str(cache.root), cache.limit), ShardSet(cache, str(folder), []).pin_set()
+    return (str(cache.root), cache.limit), CachedSet(cache, str(folder)).pin_set()
 
 
 def verify(folder: str | os.PathLike, decode: bool = False, workers: int | None = None,
