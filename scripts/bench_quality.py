@@ -256,7 +256,7 @@ def main():
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, e.g. several on one GPU (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the trainer's seed (default: %(default)s)")
     p.add_argument("--finished-only", action="store_true", help="train nothing: the table and curves of the runs already done")
-    p.add_argument("--train-args", default="", help="more train/main.py flags for every run, e.g. '--no-bf16'")
+    p.add_argument("--train-args", default="", help="more train/main.py flags for every run, e.g. '--precision float32'")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

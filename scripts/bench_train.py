@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,17 +36,53 @@ def train_rate(loader: str, out: Path, shards: str, res: int, batch_size: int, s
            "--max-steps", str(steps), "--log-every", str(log_every), "--epochs", "1000", "--device", device,
            "--vis-samples", "0", *train_args]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.communicate()
         raise RuntimeError(f"{loader} at {res}px ran past {timeout:.0f} s") from None
-    if done.returncode:
-        raise RuntimeError(f"{loader} at {res}px exited {done.returncode}: {done.stdout[-600:]}")
+    if proc.returncode:
+        raise RuntimeError(f"{loader} at {res}px exited {proc.returncode}: {output[-600:]}")
     logged = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     rates = [r["samples_per_s"] for r in logged[1:]] or [logged[-1]["samples_per_s"]]
     memory = {k: logged[-1][k] for k in ("gpu_peak_gb", "gpu_other_gb") if k in logged[-1]}
     rate = sum(rates) / len(rates)
     return {"samples_per_s": round(rate, 1 if rate >= 10 else 3), **memory}  # 3 decimals: a 224 px baseline runs at ~0.6
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it. torchrun starts each worker in a session
+    of its own, so killing torchrun's process group would leave a timed-out trainer running
+    (on a GPU, beside the runs timed after it). Stopped first, so none starts another."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        _signal(p, signal.SIGSTOP)
+        todo += _children(p)
+    for p in tree:
+        _signal(p, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def run(loader: str, a, out: Path, checkout: Path = ROOT) -> float:

@@ -1,7 +1,7 @@
 """Small data made on the fly: a procedural dataset, its shards, and a hand-made layout whose mask
 marks exactly where fg_bg differs from bg (lossless PNG), for the synchronization tests; a local
-S3-compatible server with the shards uploaded, and its request log. Every test's shard cache is
-under the session's temporary folder (DEPTHSEG_CACHE_DIR), never the user's."""
+S3-compatible server with the shards uploaded, and its request log. Every test's shard cache and
+precision cache is under the session's temporary folder, never the user's."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "depthseg"
 CACHE = Path(tempfile.mkdtemp(prefix="depthseg-test-cache-"))
 os.environ["DEPTHSEG_CACHE_DIR"] = str(CACHE)  # subprocesses (torchrun) inherit it
+# auto precision's timings: measured once per test session, never read from or left in the user's
+os.environ["DEPTHSEG_PRECISION_CACHE"] = str(CACHE / "precision.json")
 
 
 def pytest_unconfigure(config):

@@ -1,7 +1,8 @@
-"""train/precision.py: bf16 autocast only where the CPU runs it fast (AMX), float32 elsewhere,
-channels_last everywhere; the bf16 path gives finite losses close to float32's; training,
-evaluation and predict all use it."""
+"""train/precision.py: bf16 autocast or float32 as asked, or as measured on this machine (auto),
+cached and agreed by the ranks; channels_last everywhere; the bf16 path gives finite losses close
+to float32's; training, evaluation and predict all use it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,44 +11,129 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from train.cli import main as cli
 from train import precision
 from train.evaluate import evaluate
 from train.losses import LossWeights, total_loss
 from train.model import build_model
+from train.precision import Probe
+from train.settings import settings_from
 
 ROOT = Path(__file__).resolve().parent.parent
-AMX = precision.cpu_bf16_is_fast()
-needs_amx = pytest.mark.skipif(not AMX, reason="this CPU has no AMX: bf16 is not its fast path")
+PROBE = Probe("unet", res=32, batch=2)
 
 
-@pytest.mark.parametrize("cap", ["AVX2", "AVX512_CORE", "AVX512_CORE_BF16"])
-def test_a_cpu_without_amx_gets_float32(monkeypatch, cap):
-    """oneDNN's ISA cap makes this CPU act like an older one: AVX2 (bf16 emulated, 0.1x float32),
-    AVX512 (emulated, 0.46x) and AVX512-BF16 without AMX (0.85x) all keep float32."""
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-    p = precision.choose(torch.device("cpu"))
-    assert not p.bf16 and p.channels_last and str(p) == "float32, channels_last"
-    assert isinstance(p.autocast(), type(precision.Precision("cpu", False, True).autocast()))
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    path = tmp_path / "precision.json"
+    monkeypatch.setenv("DEPTHSEG_PRECISION_CACHE", str(path))
+    return path
 
 
-@needs_amx
-def test_an_amx_cpu_gets_bf16_unless_told_otherwise(monkeypatch):
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-    assert precision.choose("cpu").bf16 and str(precision.choose("cpu")) == "bf16 autocast, channels_last"
-    assert not precision.choose("cpu", bf16=False).bf16
-    assert not precision.choose("cpu", channels_last=False).channels_last
+def timed(monkeypatch, float32: float, bf16: float) -> list:
+    """time_steps replaced: the seconds a step takes in each precision; returns the calls made."""
+    calls = []
+    monkeypatch.setattr(precision, "time_steps", lambda probe, cl: calls.append(probe) or (float32, bf16))
+    return calls
 
 
-def test_without_amx_the_trainer_runs_float32(tmp_path):
-    """A whole run on a CPU made to act without AMX (a fresh process: oneDNN reads its cap once)
-    says, and saves, float32."""
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+def test_bf16_and_float32_are_what_they_say_on_any_device():
+    for device in ("cpu", "cuda"):
+        assert precision.choose(device, "bf16").bf16 and not precision.choose(device, "float32").bf16
+    assert str(precision.choose("cpu", "float32")) == "float32, channels_last"
+    assert not precision.choose("cpu", "bf16", channels_last=False).channels_last
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, float32, got 'fp8'"):
+        precision.choose("cpu", "fp8")
+
+
+@pytest.mark.parametrize("float32, bf16, want", [(1.0, 0.6, True), (0.6, 1.0, False)])
+def test_auto_takes_the_faster_one_measured_here_and_says_so(cache, monkeypatch, float32, bf16, want):
+    calls = timed(monkeypatch, float32, bf16)
+    p = precision.choose("cpu", "auto", probe=PROBE)
+    assert p.bf16 is want and calls == [PROBE]
+    assert p.why == f"bf16 at {float32 / bf16:.2f}x float32's speed on this CPU, timed just now"
+    entry = next(iter(json.loads(cache.read_text()).values()))
+    assert entry["float32"] == float32 and entry["bf16"] == bf16
+
+
+def test_a_second_run_reads_the_cache_and_times_nothing(cache, monkeypatch):
+    timed(monkeypatch, 1.0, 0.5)
+    assert precision.choose("cpu", "auto", probe=PROBE).bf16
+    calls = timed(monkeypatch, 0.1, 9.9)  # would say float32, if it were asked
+    again = precision.choose("cpu", "auto", probe=PROBE)
+    assert again.bf16 and calls == [] and f"cached in {cache}" in again.why
+
+
+def test_the_cache_keeps_each_model_resolution_batch_and_cpu_apart(cache, monkeypatch):
+    calls = timed(monkeypatch, 1.0, 0.5)
+    for probe in (PROBE, Probe("unet", 64, 2), Probe("unet", 32, 4), Probe("diff", 32, 2), Probe("unet", 32, 2, train=False)):
+        precision.choose("cpu", "auto", probe=probe)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN made to act as another CPU
+    precision.choose("cpu", "auto", probe=PROBE)
+    assert len(calls) == 6 and len(json.loads(cache.read_text())) == 6
+
+
+def test_a_damaged_cache_is_measured_again(cache, monkeypatch):
+    cache.write_text("{not json")
+    calls = timed(monkeypatch, 1.0, 0.5)
+    assert precision.choose("cpu", "auto", probe=PROBE).bf16 and len(calls) == 1
+    assert len(json.loads(cache.read_text())) == 1
+
+
+def test_auto_on_a_gpu_is_bf16_where_native(monkeypatch):
+    monkeypatch.setattr(precision, "cuda_bf16_is_native", lambda device: True)
+    assert precision.choose("cuda", "auto").bf16
+    monkeypatch.setattr(precision, "cuda_bf16_is_native", lambda device: False)
+    assert not precision.choose("cuda", "auto").bf16
+
+
+def test_timing_is_real_and_leaves_the_random_state_alone():
+    state = torch.get_rng_state()
+    for train in (True, False):
+        f32, bf16 = precision.time_steps(Probe("unet", 32, 2, train=train), True, steps=1)
+        assert 0 < f32 < 60 and 0 < bf16 < 60
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+AGREE = """
+import os, sys, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from train import precision
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+# rank 0 finds bf16 much faster, rank 1 float32 a little: the sum of their seconds decides, for both
+precision.time_steps = lambda probe, cl: (1.0, 0.5) if rank == 0 else (0.9, 1.0)
+p = precision.choose("cpu", "auto", probe=precision.Probe("unet", 32, 2))
+print(f"rank {{rank}}: {{p.bf16}}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_the_ranks_measure_together_and_agree(cache, tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == ["rank 0: True", "rank 1: True"]
+    entry = next(iter(json.loads(cache.read_text()).values()))
+    assert entry["float32"] == pytest.approx(1.9) and entry["bf16"] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("flag, want", [("--precision=bf16", "bf16 autocast"), ("--no-bf16", "float32")])
+def test_the_trainer_runs_and_says_the_precision_asked_for(tmp_path, flag, want):
     cmd = [sys.executable, str(ROOT / "train" / "main.py"), "--loader", "synthetic", "--res", "32", "--batch-size", "2",
-           "--max-steps", "1", "--log-every", "1", "--vis-samples", "0", "--device", "cpu", "--out", str(tmp_path / "r")]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+           "--max-steps", "1", "--log-every", "1", "--vis-samples", "0", "--device", "cpu", "--out", str(tmp_path / "r"), flag]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "on cpu in float32, channels_last" in done.stdout
+    assert f"on cpu in {want}, channels_last (asked for)" in done.stdout
+
+
+def test_the_old_bf16_flags_still_work():
+    assert settings_from(["--no-bf16"]).precision == "float32" and settings_from(["--bf16"]).precision == "auto"
+    assert settings_from([]).precision == "auto"
 
 
 def tiny_batch(res: int = 32, b: int = 4):
@@ -95,7 +181,7 @@ def test_evaluate_runs_the_model_in_the_precision_it_is_given():
     assert m16["loss"] == pytest.approx(m32["loss"], rel=0.03) and m16["loss"] != m32["loss"]
 
 
-def test_predict_runs_in_the_devices_precision(tmp_path, monkeypatch):
+def test_predict_and_evaluate_run_in_the_precision_asked_for(tmp_path, cache, monkeypatch):
     from train import checkpoint
     from train.predict import TorchRunner
 
@@ -103,15 +189,30 @@ def test_predict_runs_in_the_devices_precision(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
     checkpoint.save(path, {"model": "unet", "model_args": {}, "res": 32, "state_dict": build_model("unet").state_dict(),
                            "step": 0, "epoch": 0})
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    slow = TorchRunner(str(path))
+    slow = TorchRunner(str(path), mode="float32")
     assert slow.name == "torch on cpu, float32, channels_last"
     x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
     want = slow(x, x)
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    fast = TorchRunner(str(path))
+    calls = timed(monkeypatch, 1.0, 0.5)
+    fast = TorchRunner(str(path), mode="auto", batch=2)  # auto times forward passes of this batch
+    assert fast.name == "torch on cpu, bf16 autocast, channels_last" and calls == [Probe("unet", 32, 2, train=False)]
     got = fast(x, x)
     assert all(g.dtype == np.float32 and g.shape == (2, 1, 32, 32) for g in got)
-    if AMX:
-        assert fast.name == "torch on cpu, bf16 autocast, channels_last"
-        assert all(0 < abs(g - w).max() < 0.05 for g, w in zip(got, want))
+    assert all(0 < abs(g - w).max() < 0.05 for g, w in zip(got, want))
+
+
+def test_the_cli_takes_precision_and_the_old_flags(tmp_path, cache, monkeypatch):
+    """`depthcli predict --no-bf16` (the old flag) is --precision float32, --bf16 is auto."""
+    from PIL import Image
+    from train import checkpoint
+
+    path = tmp_path / "c.pt"
+    checkpoint.save(path, {"model": "unet", "model_args": {}, "res": 32, "state_dict": build_model("unet").state_dict(),
+                           "step": 0, "epoch": 0})
+    img = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(img)
+    timed(monkeypatch, 1.0, 0.5)  # a machine where bf16 is fast: --bf16 (auto) takes it
+    for flags, want in ((["--no-bf16"], "float32"), (["--precision", "bf16"], "bf16 autocast"), (["--bf16"], "bf16 autocast")):
+        r = CliRunner().invoke(cli, ["predict", "--checkpoint", str(path), "--bg", str(img), "--fg-bg", str(img),
+                                     "--out", str(tmp_path / "o"), "--device", "cpu", *flags])
+        assert r.exit_code == 0 and f"torch on cpu, {want}, channels_last" in r.output, (flags, r.output)

@@ -192,3 +192,57 @@ def test_stages_that_do_not_fit_are_one_sentence(exact_shards, tmp_path, capsys)
                                        "give one, or one per stage.\n")
     assert train_main(base + ["--res", "32,32"]) == 1
     assert capsys.readouterr().err == "error: --res 32,32 repeats a resolution; each stage needs its own.\n"
+
+
+CPU_RUN = ["--res", "32", "--workers", "1", "--log-every", "1", "--no-augment", "--epochs", "3", "--vis-samples", "0",
+           "--device", "cpu", "--precision", "float32"]
+
+
+def test_a_resume_with_another_batch_goes_on_in_samples(exact_shards, tmp_path, capsys):
+    """Stopped 2 steps of 8 into an epoch of 39 samples, resumed at batch 16: 16 samples in is
+    one step of 16, so the epoch has one step left; the schedule goes on from the same share of
+    the stage at the learning rate of the new batch; the loader's state (batches of 8) is left."""
+    from train.run import peak_lr
+
+    out, args = tmp_path / "r", ["--shards", str(exact_shards), *CPU_RUN]
+    assert train_main(args + ["--out", str(out), "--batch-size", "8", "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert train_main(args + ["--out", str(out), "--batch-size", "16", "--max-steps", "3", "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "(batch 8 -> 16): its data order is drawn anew" in said and "epoch 1, step 1 of it" in said
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"], ckpt["batch"]) == (3, 1, 0, 16)
+    assert ckpt["scheduler"]["last_epoch"] == 2  # 2 steps of 8 = 1 of 16, then one more
+    s = settings_from(args + ["--out", str(out), "--batch-size", "16"])
+    lr = records(out, "train")[-1]["lr"]  # after 2 of the stage's 3 epochs x 2 steps at batch 16
+    assert lr == pytest.approx(peak_lr(s, 16, s.lr[0]) * lr_factor(2, 6, 2, s))
+
+
+def test_a_loader_state_from_another_graph_is_left_with_one_line(exact_shards, tmp_path, capsys):
+    """A state saved on another device (DALI's graph differs there) is not handed to DALI."""
+    out, args = tmp_path / "r", ["--shards", str(exact_shards), *CPU_RUN, "--batch-size", "8", "--out", str(tmp_path / "r")]
+    assert train_main(args + ["--max-steps", "2"]) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["loader_graph"]["device"] = "cuda"
+    torch.save(ckpt, out / "last.pt")
+    capsys.readouterr()
+    assert train_main(args + ["--max-steps", "4", "--resume"]) == 0
+    assert "the loader's saved state fits another graph (device cuda -> cpu): its data order is drawn anew" in capsys.readouterr().out
+    assert records(out, "resume")[-1]["exact"] is False and torch.load(out / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_a_loader_state_dali_cannot_restore_is_left_with_one_line(exact_shards, tmp_path, capsys):
+    """A state whose graph DALI does not recognize (here: one made with augmentation, for a run
+    without) is said in one line and the run goes on reseeded, never an error from inside DALI."""
+    out, args = tmp_path / "r", ["--shards", str(exact_shards), *CPU_RUN, "--batch-size", "8", "--out", str(tmp_path / "r")]
+    assert train_main(args + ["--max-steps", "2"]) == 0
+    loader = build_loader(exact_shards, split="train", res=32, batch_size=8, loader="dali", augment=Augment(), workers=1)
+    next(iter(loader))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    ckpt["loader_states"] = [loader.state()]
+    torch.save(ckpt, out / "last.pt")
+    capsys.readouterr()
+    assert train_main(args + ["--max-steps", "4", "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "the loader's saved state could not be restored (the DALI pipeline failed:" in said
+    assert "its data order is drawn anew" in said and torch.load(out / "last.pt", weights_only=True)["step"] == 4

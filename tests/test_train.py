@@ -262,7 +262,7 @@ def test_existing_run_needs_resume(trained, exact_shards, capsys):
 def test_every_setting_has_a_flag():
     parsed = vars(get_args_parser().parse_args([]))
     assert parsed == {k: v for k, v in vars(TrainSettings()).items()}
-    assert "--no-bf16" in get_args_parser().format_help()
+    assert "--precision {auto,bf16,float32}" in get_args_parser().format_help()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -22,6 +22,20 @@ def _onnx_device(name: str) -> str:
     return "cpu" if name == "auto" and not cuda_provider() else resolve_device(name)
 
 
+def _legacy_bf16(ctx, param, value):
+    """--bf16 / --no-bf16 of earlier versions, said as --precision auto / float32."""
+    if value is not None:
+        ctx.params["precision"] = "auto" if value else "float32"
+
+
+def precision_options(fn):
+    """--precision for the commands that run the model in PyTorch (--bf16/--no-bf16: its old names)."""
+    fn = click.option("--bf16/--no-bf16", default=None, hidden=True, expose_value=False, callback=_legacy_bf16)(fn)
+    return click.option("--precision", type=click.Choice(["auto", "bf16", "float32"]), default="auto", show_default=True,
+                        is_eager=True, help="PyTorch in bf16 autocast or float32; auto: bf16 where it is measured faster "
+                        "on this machine (native bf16 on GPUs; a few timed batches on a CPU, cached).")(fn)
+
+
 @main.command("evaluate")
 @click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="A checkpoint from train/main.py.")
 @click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder or s3://bucket/prefix.")
@@ -31,13 +45,12 @@ def _onnx_device(name: str) -> str:
 @click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
-@click.option("--bf16/--no-bf16", default=True, show_default=True, help="PyTorch in bf16 autocast where the device runs it "
-              "fast (GPUs, CPUs with AMX), else float32.")
+@precision_options
 @click.option("--baseline", is_flag=True, help="Also score the non-learned baselines (mask: |fg_bg - bg| > t, t "
               "chosen on the train split; depth: the train split's mean map) and compare in the last line.")
 @cache_options
 @user_errors
-def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_json, bf16, baseline, cache_dir,
+def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_json, precision, baseline, cache_dir,
                  cache_limit):
     """Print the metric table (rows Mask, Depth, Avg) of a checkpoint over a split."""
     import json
@@ -45,7 +58,7 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
     from train.evaluate import evaluate_checkpoint
     from train.metrics import format_table
 
-    r = evaluate_checkpoint(ckpt_path, shards, split, res, batch_size, loader, resolve_device(device), bf16, baseline,
+    r = evaluate_checkpoint(ckpt_path, shards, split, res, batch_size, loader, resolve_device(device), precision, baseline,
                             cache_dir, cache_limit)
     metrics, base = r["metrics"], r["baseline"]
     if as_json:
@@ -72,12 +85,11 @@ def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_j
 @click.option("--workers", default=min(4, CPUS), show_default=True, help="Threads that read, resize and write images.")
 @click.option("--threads", default=0, help="CPU threads of the model (torch or onnxruntime). (default: the library's, all cores)")
 @click.option("--side/--no-side", default=True, show_default=True, help="Also write <name>_side.png (most of the writing time).")
-@click.option("--bf16/--no-bf16", default=True, show_default=True, help="PyTorch in bf16 autocast where the device runs it "
-              "fast (GPUs, CPUs with AMX), else float32.")
+@precision_options
 @click.option("--device", default="auto", show_default=True,
               help="auto, cpu or cuda. With --onnx, auto takes the GPU only through onnxruntime-gpu.")
 @user_errors
-def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, threads, side, bf16, device):
+def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, threads, side, precision, device):
     """Predict mask and depth for images of any size: writes <name>_mask.png and <name>_depth.png
     at the input's size, and <name>_side.png (bg | fg_bg | mask | depth). Pairs run in batches,
     in PyTorch (--checkpoint) or onnxruntime (--onnx), while threads read and write images."""
@@ -85,7 +97,7 @@ def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, 
 
     device = _onnx_device(device) if onnx_path else resolve_device(device)
     r = predict(ckpt_path, bg, fg_bg, out, device=device, res=res, batch_size=batch_size,
-                workers=workers, onnx_path=onnx_path, threads=threads, side=side, bf16=bf16)
+                workers=workers, onnx_path=onnx_path, threads=threads, side=side, mode=precision)
     click.echo(f"predicted {r['pairs']} pair(s) into {out} in {r['seconds']:.1f} s ({r['pairs'] / r['seconds']:,.1f} pairs/s; "
                f"{r['runner']}, {r['res']}px, batch {r['batch_size']}), e.g. {r['written'][0]}")
 

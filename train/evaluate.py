@@ -15,7 +15,7 @@ from tqdm import tqdm
 from train.dist import all_reduce_sum
 from train.losses import LossWeights, total_loss
 from train.metrics import MetricSums
-from train.precision import Precision, choose
+from train.precision import Precision, Probe, choose
 
 
 def model_input(batch: dict) -> torch.Tensor:
@@ -65,9 +65,10 @@ def loss_weights(settings: Mapping) -> LossWeights:
 
 
 def evaluate_checkpoint(ckpt_path: str, shards: str, split: str = "val", res: int = 0, batch_size: int = 32,
-                        loader: str = "dali", device: str = "cpu", bf16: bool = True, baseline: bool = False,
+                        loader: str = "dali", device: str = "cpu", mode: str = "auto", baseline: bool = False,
                         cache_dir: str | None = None, cache_limit: str | int | None = None) -> dict:
-    """`depthcli evaluate`: a checkpoint's metrics over a split at `res` (0: the checkpoint's), in
+    """`depthcli evaluate`: a checkpoint's metrics over a split at `res` (0: the checkpoint's), the
+    model in `mode`'s precision (train.precision: auto times a few batches on a CPU), in
     {"metrics", "res", "model", "step"}; with `baseline`, also the non-learned baselines fitted on
     the train split: "baseline" (their figures, also in metrics as baseline/*) and "threshold"."""
     from pipeline.loaders import build_loader
@@ -78,8 +79,9 @@ def evaluate_checkpoint(ckpt_path: str, shards: str, split: str = "val", res: in
     common = {"res": res, "batch_size": batch_size, "loader": loader, "device": device, "train": False,
               "cache_dir": cache_dir, "cache_limit": cache_limit}
     data = build_loader(shards, split=split, **common)
+    chosen = choose(device, mode, probe=Probe(ckpt["model"], res, batch_size, train=False))
     metrics, _ = evaluate(load_model(ckpt, device, name=ckpt_path), data, device,
-                          loss_weights(ckpt.get("settings", {})), choose(device, bf16), progress=True)
+                          loss_weights(ckpt.get("settings", {})), chosen, progress=True)
     out = {"metrics": metrics, "res": res, "model": ckpt["model"], "step": ckpt["step"], "baseline": None}
     if baseline:
         from train import baselines

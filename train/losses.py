@@ -8,6 +8,7 @@ total = mask + depth.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -38,10 +39,45 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
         raise ValueError(f"SSIM needs maps of at least {SSIM_WIN}x{SSIM_WIN} pixels, got {tuple(x.shape[-2:])}")
     c1, c2 = (SSIM_K[0] * data_range) ** 2, (SSIM_K[1] * data_range) ** 2
     rows, cols = (_blur_matrix(n, x.device, x.dtype) for n in x.shape[-2:])
-    mu_x, mu_y, xx, yy, xy = (rows @ torch.cat([x, y, x * x, y * y, x * y], 1) @ cols.mT).unbind(1)
+    mu_x, mu_y, xx, yy, xy = _Blur.apply(torch.cat([x, y, x * x, y * y, x * y], 1), rows, cols).unbind(1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
     cs = (2 * (xy - mu_xy) + c2) / ((xx - mu_xx) + (yy - mu_yy) + c2)
     return ((2 * mu_xy + c1) / (mu_xx + mu_yy + c1) * cs).mean()
+
+
+@contextmanager
+def ieee_float32():
+    """float32 matmuls in IEEE float32 inside, whatever TF32 (the trainer turns it on for CUDA) or
+    torch.set_float32_matmul_precision("medium") (bf16 matmuls on some CPUs) say outside: SSIM's
+    blur is two matmuls, and with 10-bit mantissas a near-perfect prediction's loss turned
+    negative. The setting is a flag read at each call, so flipping it costs nothing (float64
+    instead made the loss 2-3x slower on the CPU)."""
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+class _Blur(torch.autograd.Function):
+    """rows @ x @ colsᵀ, and its gradient rowsᵀ @ g @ cols, each in IEEE float32: backward runs
+    after the loss returns, under whatever precision flags the caller has set by then."""
+
+    @staticmethod
+    def forward(ctx, x, rows, cols):
+        ctx.save_for_backward(rows, cols)
+        with ieee_float32():
+            return rows @ x @ cols.mT
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, cols = ctx.saved_tensors
+        with ieee_float32():
+            return rows.mT @ grad @ cols, None, None
 
 
 @dataclass
@@ -110,8 +146,9 @@ def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> tor
 
 def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights, bce: bool = False) -> torch.Tensor:
     """Loss of one head; pred and target are B×1×H×W in [0, 1], H and W at least 11 (the SSIM
-    window). Computed in float32 with autocast off: SSIM's small constants (1e-4, 9e-4) and the
-    differences of nearly equal means are lost in bf16."""
+    window). Computed in float32 with autocast off, SSIM's blur in IEEE float32 (_Blur): its
+    small constants (1e-4, 9e-4) and the differences of nearly equal means are lost in bf16 and
+    in TF32."""
     with torch.autocast(device_type=pred.device.type, enabled=False):
         pred, target = pred.float(), target.float()
         image_terms = not bce or weights.mask_image_terms  # bce: this is the mask head

@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from pipeline.augment import Augment
-from pipeline.loaders import build_loader
 from pipeline.epoch import derive_seed
 from pipeline.errors import DepthsegError
+from pipeline.loaders import build_loader
+from pipeline.manifest import LoaderError
 from pipeline.workers import cpu_share
 from train import checkpoint
 from train.dist import DistContext, cleanup, print0, setup
@@ -75,7 +76,8 @@ def start(run: Run, resumed: dict | None, step: int, stages: list[Stage]) -> Non
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         print0(run.ctx, f"resuming {run.out / 'last.pt'} at step {run.step} ({run.stage.res}px, epoch {run.epoch + 1}, "
                         f"step {run.epoch_step} of it)" + (f", torchrun restart {restart}" if restart else "")
-                        + (", the loader exactly where it was" if run.loader_state is not None else ""))
+                        + (", the loader exactly where it was" if run.loader_state is not None else "")
+                        + (f"; {run.loader_dropped}: its data order is drawn anew" if run.loader_dropped else ""))
         return
     run.step = run.last_saved = step
     if run.stage.index > 0:
@@ -97,8 +99,15 @@ def loaders(run: Run):
     # A loader restored from its own checkpoint (DALI) goes on exactly; any other is seeded by the
     # step too, so a resumed run does not replay the data order of its start.
     exact = run.loader_state is not None
-    train = build_loader(s.shards, split="train", augment=aug, seed=s.seed if exact else s.seed + run.step,
-                         **({"state": run.loader_state} if exact else {}), **common)
+    try:
+        train = build_loader(s.shards, split="train", augment=aug, seed=s.seed if exact else s.seed + run.step,
+                             **({"state": run.loader_state} if exact else {}), **common)
+    except LoaderError as e:  # a state DALI cannot restore into this graph: go on, reseeded
+        if not exact:
+            raise
+        print0(ctx, f"the loader's saved state could not be restored ({e}); its data order is drawn anew")
+        run.loader_state = None
+        return loaders(run)
     # Validation decodes and resizes only, between epochs: a few threads, not a second set of all cores.
     val = build_loader(s.shards, split="val", seed=s.seed, **{**common, "workers": max(1, workers // 4)})
     return train, val
@@ -152,7 +161,7 @@ def train_stage(run: Run, writer, stop: StopRequest) -> int | None:
         run.log({"kind": "resume", "from_step": run.resumed_from, "exact": run.loader_state is not None,
                  "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))}, writer)
     print0(ctx, f"training {s.model} at {stage.res}px" + (f" (stage {stage.index + 1} of {stage.count})" if stage.count > 1 else "")
-                + f": {ctx.world_size} rank(s) on {ctx.device.type} in {run.precision}, batch {stage.batch} per rank, "
+                + f": {ctx.world_size} rank(s) on {ctx.device.type} in {run.precision} ({run.precision.why}), batch {stage.batch} per rank, "
                   f"{len(train_loader)} steps per epoch, loader {s.loader}")
     try:
         while run.epoch < stage.epoch_count:

@@ -124,12 +124,14 @@ def side_by_side(*images: Image.Image) -> Image.Image:
 
 
 class TorchRunner:
-    """The checkpoint's model in PyTorch, in the device's fastest precision (train.precision):
-    (bg, fg_bg) float32 arrays B×3×H×W to (mask, depth) float32 B×1×H×W."""
+    """The checkpoint's model in PyTorch, in `mode`'s precision (train.precision: auto times
+    forward passes of `batch` pairs at `res` on a CPU): (bg, fg_bg) float32 arrays B×3×H×W to
+    (mask, depth) float32 B×1×H×W."""
 
-    def __init__(self, checkpoint_path: str, device: str = "cpu", bf16: bool = True):
+    def __init__(self, checkpoint_path: str, device: str = "cpu", mode: str = "auto", res: int = 0, batch: int = 16):
         ckpt = checkpoint.load(checkpoint_path)
-        self.precision = precision.choose(device, bf16)
+        probe = precision.Probe(ckpt["model"], res or ckpt["res"], batch, train=False)
+        self.precision = precision.choose(device, mode, probe=probe)
         self.model = self.precision.prepare(checkpoint.load_model(ckpt, device, name=checkpoint_path))
         self.device, self.res = device, ckpt["res"]
         self.name = f"torch on {device}, {self.precision}"
@@ -143,7 +145,7 @@ class TorchRunner:
 
 
 def runner(checkpoint_path: str | None, onnx_path: str | None, device: str, res: int, threads: int = 0,
-           bf16: bool = True):
+           mode: str = "auto", batch: int = 16):
     """The model to run and its resolution: a checkpoint in PyTorch, or an exported file in onnxruntime."""
     if bool(checkpoint_path) == bool(onnx_path):
         raise PredictError("give either --checkpoint or --onnx (one of them).")
@@ -155,14 +157,14 @@ def runner(checkpoint_path: str | None, onnx_path: str | None, device: str, res:
             raise PredictError(f"{onnx_path} was exported for {run.res}x{run.res} inputs (no --dynamic); "
                                f"--res {res} cannot run on it.")
     else:
-        run = TorchRunner(checkpoint_path, device, bf16)
+        run = TorchRunner(checkpoint_path, device, mode, res, batch)
     res = check_res(res or run.res)
     return run, res
 
 
 def predict(checkpoint_path: str | None, bg: str, fg_bg: str, out: str, device: str = "cpu", res: int = 0,
             batch_size: int = 16, workers: int = 2, onnx_path: str | None = None, threads: int = 0,
-            side: bool = True, bf16: bool = True) -> dict:
+            side: bool = True, mode: str = "auto") -> dict:
     """Mask, depth and side-by-side pictures (see save_pair) for every pair into `out`, `batch_size`
     pairs a model call; `workers` threads decode and resize the next batches and write the last
     ones while the model runs; `threads` is the model's CPU threads (0: the library's default).
@@ -170,7 +172,7 @@ def predict(checkpoint_path: str | None, bg: str, fg_bg: str, out: str, device: 
     if batch_size < 1 or workers < 1:
         raise PredictError(f"--batch-size and --workers must be at least 1, got {batch_size} and {workers}.")
     todo = pairs(bg, fg_bg)
-    run, res = runner(checkpoint_path, onnx_path, device, res, threads, bf16)
+    run, res = runner(checkpoint_path, onnx_path, device, res, threads, mode, batch_size)
     torch_threads = torch.get_num_threads()
     if threads and not onnx_path:
         torch.set_num_threads(threads)

@@ -54,7 +54,8 @@ class Run:
     def __init__(self, s: TrainSettings, stage: Stage, ctx: DistContext):
         self.s, self.stage, self.ctx = s, stage, ctx
         self.gpu = ctx.device.type == "cuda"
-        self.precision = precision.choose(ctx.device, s.bf16, s.channels_last)
+        self.precision = precision.choose(ctx.device, s.precision, s.channels_last,
+                                          precision.Probe(s.model, stage.res, stage.batch))
         self.weights = LossWeights(s.w_ssim, s.w_l1, s.w_edge, s.w_bce, s.w_dice, s.mask_image_terms)
         self.raw = build_model(s.model, dropout=s.dropout)
         init_output_bias(self.raw, s.mask_prior, s.depth_prior)
@@ -76,6 +77,7 @@ class Run:
         self.best_loss, self.metrics, self.last_saved = math.inf, {}, 0
         self.out = Path(s.out)
         self.train_loader, self.loader_state, self.resumed_from = None, None, None
+        self.loader_dropped = ""  # why a saved loader state could not be used, for the resume line
 
     def lr_factor(self, step: int) -> float:
         return lr_factor(step, self.stage.steps(self.steps_per_epoch), self.steps_per_epoch, self.s)
@@ -102,7 +104,14 @@ class Run:
                 "stage": self.stage.index, "state_dict": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "epoch_step": self.epoch_step, "best_loss": self.best_loss, "metrics": self.metrics,
-                "settings": asdict(self.s), "world_size": self.ctx.world_size}
+                "settings": asdict(self.s), "world_size": self.ctx.world_size, "batch": self.stage.batch,
+                "loader_graph": self.loader_graph()}
+
+    def loader_graph(self) -> dict:
+        """What a saved loader state fits: DALI's graph differs on a GPU (no noise bank, a
+        resize on the device), and its reader's position is per rank in batches."""
+        return {"loader": self.s.loader, "device": self.ctx.device.type, "res": self.stage.res,
+                "batch": self.stage.batch, "world_size": self.ctx.world_size}
 
     def save(self) -> None:
         """last.pt. Collective: every rank's RNG states (CPU, and the GPU's: dropout) go in, rank 0 writes."""
@@ -125,13 +134,33 @@ class Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step, self.epoch, self.epoch_step = ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]
         self.best_loss, self.metrics, self.last_saved = ckpt["best_loss"], ckpt["metrics"], ckpt["step"]
+        self._keep_position_in_samples(ckpt.get("batch", self.stage.batch) * ckpt.get("world_size", self.ctx.world_size))
         if len(ckpt.get("rng", [])) == self.ctx.world_size:  # else a new world: new draws
             mine = ckpt["rng"][self.ctx.rank]
             torch.set_rng_state(mine["cpu"])
             if self.gpu and mine["cuda"] is not None:
                 torch.cuda.set_rng_state(mine["cuda"], self.ctx.device)
-            if ckpt.get("loader") == self.s.loader and ckpt.get("loader_states"):
-                self.loader_state = ckpt["loader_states"][self.ctx.rank]
+        saved = ckpt.get("loader_graph") or {"loader": ckpt.get("loader")}  # older checkpoints: the loader's name
+        now = self.loader_graph()
+        differ = [f"{k} {saved[k]} -> {now[k]}" for k in saved if saved[k] != now.get(k)]
+        if ckpt.get("loader_states") and not differ:
+            self.loader_state = ckpt["loader_states"][self.ctx.rank]
+        elif ckpt.get("loader_states") and any(ckpt["loader_states"]):
+            self.loader_dropped = f"the loader's saved state fits another graph ({', '.join(differ)})"
+
+    def _keep_position_in_samples(self, saved_global_batch: int) -> None:
+        """A resume with another global batch (another --batch-size or device default, other
+        ranks) goes on from the same number of samples into the epoch and into the stage's
+        schedule, at the learning rate of the new batch."""
+        now = self.stage.batch * self.ctx.world_size
+        if saved_global_batch == now:
+            return
+        self.epoch_step = self.epoch_step * saved_global_batch // now
+        self.scheduler.last_epoch = round(self.scheduler.last_epoch * saved_global_batch / now)
+        peak = peak_lr(self.s, now, self.stage.lr)
+        self.scheduler.base_lrs = [peak for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = peak
 
     def log(self, record: dict, writer) -> None:
         """Rank 0: one JSON line per record, and every figure to TensorBoard."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pipeline.cache import CACHE_DIR_HELP, CACHE_LIMIT_HELP
 from pipeline.epoch import check_res
 from pipeline.errors import DepthsegError
 from train import checkpoint
+from train.precision import MODES
 from train.losses import LossWeights
 from train.model import MODELS
 
@@ -31,8 +33,8 @@ USAGE = """Train the mask + depth model with PyTorch DDP.
     python train/main.py --res 64 --epochs 1          # one process works too
     python train/main.py --config runs/r64/settings.json --out runs/again --seed 1   # a run's settings, flags over them
 
-nccl on GPUs, gloo on the CPU; bf16 autocast where the device runs it fast (GPUs, CPUs with
-AMX), channels_last everywhere. Every rank reads its own part of the shards through the DALI
+nccl on GPUs, gloo on the CPU; bf16 autocast where it is measured faster than float32 on this
+machine (--precision auto), channels_last everywhere. Every rank reads its own part of the shards through the DALI
 loader (or --loader torch). --res 64,128,224 runs the seed's progressive schedule in one run
 folder: each stage has its own warm-up and cosine and starts from the previous stage's best
 weights; best_<res>px.pt keeps each stage's best, best.pt the latest stage's. Checkpoints
@@ -126,8 +128,9 @@ class TrainSettings:
     cache_limit: str = field(default="", metadata={"help": CACHE_LIMIT_HELP})
     augment: bool = field(default=True, metadata={"help": "the reference's training augmentation"})
     rotate_interp: str = field(default="linear", metadata={"help": "rotation of bg and fg_bg: linear or nearest"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast where the device runs it fast: GPUs, and CPUs with AMX "
-                                                        "(float32 on other CPUs, where bf16 is slower)"})
+    precision: str = field(default="auto", metadata={"help": "auto: bf16 autocast where it is measured faster than float32 "
+                                                          "for this model, resolution and batch on this machine (native bf16 on "
+                                                          "GPUs; a few timed steps on a CPU, cached), else float32; bf16 or float32 force it"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory format (faster convolutions on GPUs and CPUs)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (on GPUs; on the CPU it was slower)"})
     compile_mode: str = field(default="default", metadata={"help": "torch.compile's mode: default, reduce-overhead "
@@ -206,11 +209,11 @@ RECIPES = {
                   "dropout": 0.2, "mask_prior": 0.0, "depth_prior": 0.0, "w_dice": 0.0, "mask_image_terms": True,
                   "sync_bn": False, "aug_shared": False},
 }
-CHOICES = {"recipe": tuple(RECIPES), "model": tuple(MODELS), "optimizer": ("adamw", "adam"),
+CHOICES = {"recipe": tuple(RECIPES), "precision": MODES, "model": tuple(MODELS), "optimizer": ("adamw", "adam"),
            "lr_scaling": ("sqrt", "linear", "none"),
            "schedule": ("cosine", "step"), "compile_mode": ("default", "reduce-overhead", "max-autotune")}
 # What a resumed run may change; everything else must be as the run was started.
-RESUMABLE_CHANGES = {"epochs", "max_steps", "ckpt_every", "log_every", "workers", "device", "vis_samples",
+RESUMABLE_CHANGES = {"epochs", "precision", "batch_size", "max_steps", "ckpt_every", "log_every", "workers", "device", "vis_samples",
                      "compile", "compile_mode", "shards", "loader", "resume", "out", "hw_decoder_load", "cache_dir", "cache_limit"}
 
 
@@ -237,9 +240,14 @@ def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+# Flags of earlier versions, said in today's words.
+RENAMED_FLAGS = {"--bf16": ["--precision", "auto"], "--no-bf16": ["--precision", "float32"]}
+
+
 def settings_from(argv: list[str] | None) -> TrainSettings:
     """The command line's settings over --config's (if given), the recipe filling the rest; with
     --resume, the run's own, changed only where allowed."""
+    argv = [word for arg in (sys.argv[1:] if argv is None else argv) for word in RENAMED_FLAGS.get(arg, [arg])]
     given = vars(get_args_parser(only_given=True).parse_args(argv))
     config = read_config(given.pop("config", None))
     parsed = vars(get_args_parser().parse_args(argv))
