@@ -29,15 +29,23 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import store
-from pipeline.manifest import LoaderError
+from pipeline.manifest import LoaderError, write_json_atomic
 
 ENV_DIR, ENV_LIMIT = "DEPTHSEG_CACHE_DIR", "DEPTHSEG_CACHE_LIMIT"
+# --cache-dir and --cache-limit, for depthcli and the trainer alike.
+CACHE_DIR_HELP = ("node-local cache of s3:// shards, shared by the node's processes; off = none (DALI then reads the "
+                  "store itself, slowly); empty = $DEPTHSEG_CACHE_DIR, else $XDG_CACHE_HOME/depthseg/shards, else "
+                  "~/.cache/depthseg/shards")
+CACHE_LIMIT_HELP = ("bytes the shard cache may hold, e.g. 500MB or 20GB; a set larger than this is streamed through "
+                    "it; empty = $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 per cent of the disk")
 OFF = "off"  # --cache-dir off: no cache (DALI then reads s3:// itself, one small GET per member)
 STAMP, PART = ".ok", ".part"
 # How long a process waits for room that other processes' pins hold, before it says so.
@@ -115,6 +123,10 @@ class Cache:
             raise CacheError(f"cannot make the shard cache {self.root} ({e.strerror}); choose another --cache-dir.") from None
         given = parse_size(limit if limit not in (None, "") else os.environ.get(ENV_LIMIT))
         self.limit = given if given is not None else self._disk_limit()
+
+    def fits(self, set_bytes: int) -> bool:
+        """Does a whole set (the tars and indexes of every split) fit the budget?"""
+        return set_bytes <= self.limit
 
     def _disk_limit(self) -> int:
         """By default the cache may use what it holds now plus the free disk, less 5 % of the disk."""
@@ -304,3 +316,91 @@ def set_folder(cache: Cache, url: str) -> Path:
         tmp.write_text(json.dumps({"url": url, "endpoint": store.endpoint()}) + "\n")
         os.replace(tmp, source)
     return folder
+
+
+class Pin:
+    """A shared flock that keeps shards from eviction while it is held (until close or collection)."""
+
+    def __init__(self, path: Path):
+        fd = lock(path, fcntl.LOCK_SH)
+        self._close = weakref.finalize(self, unlock, fd)
+
+    def close(self) -> None:
+        self._close()
+
+
+class CachedSet:
+    """One shard set's copy in the cache: its files, their stamps (hit or miss) and pins, and the
+    installing of a checked download (pipeline.fetch's ShardSet downloads and checks)."""
+
+    def __init__(self, cache: Cache, url: str):
+        self.cache, self.url = cache, url.rstrip("/")
+        self.folder = set_folder(cache, self.url)
+
+    def tar(self, s: Shard) -> Path:
+        return self.folder / s.tar
+
+    def index(self, s: Shard) -> Path:
+        return self.folder / s.index
+
+    def hit(self, s: Shard) -> bool:
+        """The stamp holds the manifest's sha256, and the files the sizes and mtimes it recorded."""
+        try:
+            stamp = json.loads((self.folder / (s.tar + STAMP)).read_text())
+            t, i = self.tar(s).stat(), self.index(s).stat()
+        except (OSError, ValueError):
+            return False
+        return (stamp.get("sha256") == s.sha256 and t.st_size == s.bytes and t.st_mtime_ns == stamp.get("mtime_ns")
+                and i.st_size == stamp.get("index_bytes") and i.st_mtime_ns == stamp.get("index_mtime_ns")
+                and (not s.index_bytes or i.st_size == s.index_bytes))
+
+    def touch(self, s: Shard) -> None:
+        """Mark the shard used now: eviction takes the least recently used first."""
+        try:
+            os.utime(self.folder / (s.tar + STAMP))
+        except OSError:
+            pass
+
+    def pin_set(self) -> Pin:
+        return Pin(self.folder / ".pins" / "set.pin")
+
+    def pin(self, s: Shard) -> Pin:
+        return Pin(self.folder / ".pins" / f"{s.tar}.pin")
+
+    def fetch_lock(self, s: Shard, stop: threading.Event | None) -> int:
+        """The shard's fetch lock (its fd): one fetch per shard per node, whatever the processes."""
+        path = self.folder / ".pins" / f"{s.tar}.fetch"
+        while (fd := lock(path, fcntl.LOCK_EX, wait=False)) is None:
+            if stop is not None and stop.is_set():
+                raise CacheError("the shard cache's prefetch was stopped.")
+            time.sleep(0.02)
+        return fd
+
+    def part_files(self, s: Shard) -> tuple[Path, Path]:
+        """Under the fetch lock: the tar's and index's download names, with room reserved for them
+        in the budget; the parts a killed process left are deleted first."""
+        for p in ShardFiles(self.folder, s.tar).parts():
+            p.unlink(missing_ok=True)
+        pid = os.getpid()
+        parts = (self.folder / f".{s.tar}.{s.bytes}.{pid}{PART}", self.folder / f".{s.index}.{s.index_bytes}.{pid}{PART}")
+        self.cache.reserve(s.total, lambda: [p.touch() for p in parts])
+        return parts
+
+    def install(self, s: Shard, parts: tuple[Path, Path]) -> None:
+        """Checked downloads renamed into place, then the stamp that makes them a hit."""
+        with self.cache.locked():  # so that a count of the cache never sees a file twice or not at all
+            os.replace(parts[0], self.tar(s))
+            os.replace(parts[1], self.index(s))
+            t, i = self.tar(s).stat(), self.index(s).stat()
+            write_json_atomic(self.folder / (s.tar + STAMP), {
+                "sha256": s.sha256, "bytes": t.st_size, "mtime_ns": t.st_mtime_ns, "index_bytes": i.st_size,
+                "index_mtime_ns": i.st_mtime_ns, "samples": s.samples})
+
+
+def localize(url: str | os.PathLike, cache_dir, cache_limit) -> Cache | None:
+    """The one entry to the cache, for build_loader and verify alike: the node's cache for the
+    shards at `url`, or None when they take none (a folder, or --cache-dir off). A set that fits
+    (Cache.fits) is fetched whole and read as a folder; a larger one streams through it."""
+    if not store.is_remote(url) or str(cache_dir).lower() == OFF:
+        return None
+    return Cache(cache_dir or None, cache_limit)

@@ -1,4 +1,6 @@
-"""`depthcli`: make a dataset, shard it, verify shards, benchmark loaders, evaluate and predict.
+"""`depthcli`'s data commands: make a dataset, shard it, verify, upload and cache shards, benchmark
+loaders. The model commands (evaluate, predict, export) join this group in train/cli.py, where
+the console script points: nothing here imports train/.
 
 Every command explains itself with --help, shows a progress bar on long work, ends with a one-line
 summary, and on bad input exits non-zero with one sentence instead of a traceback.
@@ -7,47 +9,39 @@ summary, and on bad input exits non-zero with one sentence instead of a tracebac
 from __future__ import annotations
 
 import functools
-import os
 import sys
+from dataclasses import MISSING, fields
 
 import click
 
-from pipeline.make_dataset import DatasetError
-from pipeline.manifest import LoaderError, ManifestError
-from pipeline.shard import ShardError
-from pipeline.source import SourceError
-from pipeline.store import StoreError
-from pipeline.verify import VerifyError
+from pipeline.cache import CACHE_DIR_HELP, CACHE_LIMIT_HELP
+from pipeline.errors import DepthsegError
+from pipeline.make_dataset import MakeSettings
+from pipeline.shard import ShardSettings
+from pipeline.workers import cpu_share
 
-USER_ERRORS = (DatasetError, LoaderError, ManifestError, ShardError, SourceError, StoreError, VerifyError)
-CPUS = os.cpu_count() or 1
+CPUS = cpu_share()
 
 
-def _train_errors() -> tuple:
-    """The trainer's error types, when its modules are loaded (they import torch)."""
-    found = []
-    for module, name in (("train.checkpoint", "CheckpointError"), ("train.predict", "PredictError"),
-                         ("train.export", "ExportError")):
-        if module in sys.modules:
-            found.append(getattr(sys.modules[module], name))
-    return tuple(found)
+def default(settings, name: str):
+    """A settings dataclass's default for `name`: an option shows the value its command will use,
+    from the one place that holds it."""
+    f = next(f for f in fields(settings) if f.name == name)
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 def user_errors(fn):
-    """Our errors and OS errors (disk full, permission denied) become one line and exit code 1."""
+    """Our errors (every one a DepthsegError) and OS errors (disk full, permission denied) become one
+    line and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS + (ValueError,) as e:  # ValueError: bad option values found deep down
+        except (DepthsegError, ValueError) as e:  # ValueError: bad option values found deep down
             raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from None
-        except Exception as e:
-            if isinstance(e, _train_errors()):
-                raise click.ClickException(str(e)) from None
-            raise
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -55,31 +49,10 @@ def user_errors(fn):
     return wrapper
 
 
-CACHE_DIR_HELP = ("Node-local cache of s3:// shards, shared by the node's processes; off = none (DALI then reads "
-                  "the store itself, slowly). (default: $DEPTHSEG_CACHE_DIR, else $XDG_CACHE_HOME/depthseg/shards, "
-                  "~/.cache/depthseg/shards)")
-CACHE_LIMIT_HELP = ("Bytes the shard cache may hold, e.g. 500MB or 20GB; a set larger than this is streamed through "
-                    "it. (default: $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 % of the disk)")
-
-
 def cache_options(fn):
     """--cache-dir and --cache-limit, for the commands that read shards."""
     fn = click.option("--cache-limit", default="", help=CACHE_LIMIT_HELP)(fn)
     return click.option("--cache-dir", default="", help=CACHE_DIR_HELP)(fn)
-
-
-def _legacy_bf16(ctx, param, value):
-    """--bf16 / --no-bf16 of earlier versions, said as --precision auto / float32."""
-    if value is not None:
-        ctx.params["precision"] = "auto" if value else "float32"
-
-
-def precision_options(fn):
-    """--precision for the commands that run the model in PyTorch (--bf16/--no-bf16: its old names)."""
-    fn = click.option("--bf16/--no-bf16", default=None, hidden=True, expose_value=False, callback=_legacy_bf16)(fn)
-    return click.option("--precision", type=click.Choice(["auto", "bf16", "float32"]), default="auto", show_default=True,
-                        is_eager=True, help="PyTorch in bf16 autocast or float32; auto: bf16 where it is measured faster "
-                        "on this machine (native bf16 on GPUs; a few timed batches on a CPU, cached).")(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -93,11 +66,11 @@ def main():
 @click.option("--fg-dir", type=click.Path(exists=True, file_okay=False), help="Foreground cut-outs: RGBA images, or RGB with masks/<stem>.png. (default: procedural figures)")
 @click.option("--num-bg", type=int, help="Backgrounds to use. (default: 100, or all of --bg-dir)")
 @click.option("--num-fg", type=int, help="Foregrounds to use. (default: 100, or all of --fg-dir)")
-@click.option("--placements", default=20, show_default=True, help="Random positions per background, foreground and flip.")
-@click.option("--size", default=224, show_default=True, help="Side of the square images in pixels.")
-@click.option("--quality", default=65, show_default=True, help="JPEG quality of every written image.")
-@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
-@click.option("--workers", default=CPUS, show_default=True, help="Worker processes.")
+@click.option("--placements", default=default(MakeSettings, "placements"), show_default=True, help="Random positions per background, foreground and flip.")
+@click.option("--size", default=default(MakeSettings, "size"), show_default=True, help="Side of the square images in pixels.")
+@click.option("--quality", default=default(MakeSettings, "quality"), show_default=True, help="JPEG quality of every written image.")
+@click.option("--seed", default=default(MakeSettings, "seed"), show_default=True, help="Same seed, same bytes.")
+@click.option("--workers", default=default(MakeSettings, "workers"), show_default=True, help="Worker processes.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @user_errors
 def make_dataset_cmd(**kw):
@@ -113,11 +86,11 @@ def make_dataset_cmd(**kw):
 
 @main.command("shard")
 @click.option("--src", "src", multiple=True, required=True, type=click.Path(), help="A zip or folder in the original layout; repeat for several.")
-@click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
-@click.option("--val-fraction", default=0.05, show_default=True, help="Fraction of samples for the val split.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the shuffle and the split.")
-@click.option("--workers", default=CPUS, show_default=True, help="Worker processes.")
+@click.option("--out", default=default(ShardSettings, "out"), show_default=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--shard-size", default=default(ShardSettings, "shard_size"), show_default=True, help="Samples per shard.")
+@click.option("--val-fraction", default=default(ShardSettings, "val_fraction"), show_default=True, help="Fraction of samples for the val split.")
+@click.option("--seed", default=default(ShardSettings, "seed"), show_default=True, help="Seed of the shuffle and the split.")
+@click.option("--workers", default=default(ShardSettings, "workers"), show_default=True, help="Worker processes.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad sample instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing shard set in --out.")
 @user_errors
@@ -182,7 +155,8 @@ def upload_cmd(folder, url, overwrite):
     click.echo(f"uploaded {len(entries)} shards and their indexes, then {MANIFEST}, to {url}: {sent / 1e6:,.1f} MB")
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
+    """--device: auto = the GPU if there is one; a cuda asked for without one is one sentence."""
     import torch
 
     if name == "auto":
@@ -190,15 +164,6 @@ def _device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise click.ClickException("--device cuda was asked for, but no GPU is available.")
     return name
-
-
-def _onnx_device(name: str) -> str:
-    """--device for onnxruntime: auto takes the GPU only if this onnxruntime has the CUDA provider
-    (the one pyproject installs has not), so auto never fails where the CPU would do; a cuda the
-    user named still needs it (OnnxRunner says so)."""
-    from train.export import cuda_provider
-
-    return "cpu" if name == "auto" and not cuda_provider() else _device(name)
 
 
 @main.command("bench")
@@ -225,7 +190,7 @@ def bench_cmd(loader, as_json, **kw):
     from pipeline.bench import bench_loader
     from pipeline.loaders import available_loaders
 
-    kw["device"] = _device(kw["device"])
+    kw["device"] = resolve_device(kw["device"])
     names = available_loaders() if loader == "all" else [loader]
     results = [bench_loader(loader=name, **kw) for name in names]
     for r in results:
@@ -237,64 +202,6 @@ def bench_cmd(loader, as_json, **kw):
                       if "gpu_peak_gb" in r else ""))
     if len(results) == 2 and not as_json:
         click.echo(f"dali / torch = {results[0]['samples_per_s'] / results[1]['samples_per_s']:.2f}")
-
-
-@main.command("evaluate")
-@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="A checkpoint from train/main.py.")
-@click.option("--shards", default="shards", show_default=True, type=click.Path(), help="Shard folder or s3://bucket/prefix.")
-@click.option("--split", default="val", show_default=True, help="Split to evaluate.")
-@click.option("--res", default=0, help="Resolution. (default: the checkpoint's)")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--loader", type=click.Choice(["dali", "torch"]), default="dali", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
-@precision_options
-@click.option("--baseline", is_flag=True, help="Also score the non-learned baselines (mask: |fg_bg - bg| > t, t "
-              "chosen on the train split; depth: the train split's mean map) and compare in the last line.")
-@cache_options
-@user_errors
-def evaluate_cmd(ckpt_path, shards, split, res, batch_size, loader, device, as_json, precision, baseline, cache_dir,
-                 cache_limit):
-    """Print the metric table (rows Mask, Depth, Avg) of a checkpoint over a split."""
-    import json
-
-    from pipeline.loaders import build_loader
-    from train.checkpoint import load, load_model
-    from train.evaluate import evaluate
-    from train.metrics import format_table
-    from train.precision import Probe, choose
-
-    device = _device(device)
-    ckpt = load(ckpt_path)
-    res = res or ckpt["res"]
-    common = {"res": res, "batch_size": batch_size, "loader": loader, "device": device, "train": False,
-              "cache_dir": cache_dir, "cache_limit": cache_limit}
-    data = build_loader(shards, split=split, **common)
-    from train.losses import LossWeights
-
-    saved = ckpt.get("settings", {})  # the run's own loss, so the loss printed is the one it was trained on
-    weights = LossWeights(**{k: saved[k] for k in ("w_ssim", "w_l1", "w_edge", "w_bce", "w_dice", "mask_image_terms")
-                             if k in saved})
-    chosen = choose(device, precision, probe=Probe(ckpt["model"], res, batch_size, train=False))
-    metrics, _ = evaluate(load_model(ckpt, device, name=ckpt_path), data, device, weights, chosen, progress=True)
-    base = None
-    if baseline:
-        from train import baselines
-
-        fitted = baselines.fit(build_loader(shards, split="train", **common))
-        base = baselines.score(fitted, data)
-        metrics.update({f"baseline/{k}": v for k, v in base.items()}, **{"baseline/threshold": fitted.threshold})
-    if as_json:
-        click.echo(json.dumps(metrics))
-        return
-    click.echo(format_table(metrics))
-    if base:
-        click.echo(f"baselines (mask |fg_bg - bg| > {fitted.threshold:.2f}, depth = the train split's mean map):\n"
-                   + format_table(base))
-    vs = (lambda key: f" (baseline {base[key]:.4f})") if base else (lambda key: "")
-    click.echo(f"{split}: {int(metrics['samples']):,} samples at {res}px, loss {metrics['loss']:.4f}, "
-               f"mask IoU {metrics['mask/iou']:.4f}{vs('mask/iou')}, depth rms {metrics['depth/rms']:.4f}"
-               f"{vs('depth/rms')} ({ckpt['model']} model, step {ckpt['step']})")
 
 
 @main.group("cache")
@@ -333,58 +240,3 @@ def cache_clear_cmd(url, cache_dir):
     removed, kept = cache.clear(url)
     click.echo(f"removed {removed} shard(s) from {cache.root}" + (f" ({url})" if url else "")
                + (f"; kept {kept} in use" if kept else "") + f"; it now holds {mb(cache.used())}")
-
-
-@main.command("predict")
-@click.option("--checkpoint", "ckpt_path", type=click.Path(), help="A checkpoint from train/main.py (or give --onnx).")
-@click.option("--onnx", "onnx_path", type=click.Path(), help="A file from depthcli export, run in onnxruntime instead of PyTorch.")
-@click.option("--bg", required=True, type=click.Path(), help="Background image, or a folder of them.")
-@click.option("--fg-bg", required=True, type=click.Path(), help="The scene with the object, or a folder of them (paired by name).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--res", default=0, help="Resolution the model runs at. (default: the checkpoint's or the file's)")
-@click.option("--batch-size", default=16, show_default=True, help="Pairs per model call.")
-@click.option("--workers", default=min(4, CPUS), show_default=True, help="Threads that read, resize and write images.")
-@click.option("--threads", default=0, help="CPU threads of the model (torch or onnxruntime). (default: the library's, all cores)")
-@click.option("--side/--no-side", default=True, show_default=True, help="Also write <name>_side.png (most of the writing time).")
-@precision_options
-@click.option("--device", default="auto", show_default=True,
-              help="auto, cpu or cuda. With --onnx, auto takes the GPU only through onnxruntime-gpu.")
-@user_errors
-def predict_cmd(ckpt_path, onnx_path, bg, fg_bg, out, res, batch_size, workers, threads, side, precision, device):
-    """Predict mask and depth for images of any size: writes <name>_mask.png and <name>_depth.png
-    at the input's size, and <name>_side.png (bg | fg_bg | mask | depth). Pairs run in batches,
-    in PyTorch (--checkpoint) or onnxruntime (--onnx), while threads read and write images."""
-    from train.predict import predict
-
-    device = _onnx_device(device) if onnx_path else _device(device)
-    r = predict(ckpt_path, bg, fg_bg, out, device=device, res=res, batch_size=batch_size,
-                workers=workers, onnx_path=onnx_path, threads=threads, side=side, mode=precision)
-    click.echo(f"predicted {r['pairs']} pair(s) into {out} in {r['seconds']:.1f} s ({r['pairs'] / r['seconds']:,.1f} pairs/s; "
-               f"{r['runner']}, {r['res']}px, batch {r['batch_size']}), e.g. {r['written'][0]}")
-
-
-@main.command("export")
-@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="A checkpoint from train/main.py.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
-@click.option("--res", default=0, help="Input height and width of the file. (default: the checkpoint's)")
-@click.option("--dynamic", is_flag=True, help="Dynamic height and width too (multiples of 4); the batch axis always is.")
-@click.option("--fp16", is_flag=True, help="Weights and activations in float16 inside (inputs and outputs stay float32): half the file; for GPUs, slower on a CPU.")
-@click.option("--opset", type=int, help="ONNX opset to write. (default: the exporter's)")
-@click.option("--shards", type=click.Path(), help="Shards whose val split the check runs on. (default: the checkpoint's own, if here; else random inputs)")
-@click.option("--check-samples", default=16, show_default=True, type=click.IntRange(1), help="Samples the check compares.")
-@user_errors
-def export_cmd(ckpt_path, out, res, dynamic, fp16, opset, shards, check_samples):
-    """Export a checkpoint to ONNX (inputs bg, fg_bg: B×3×H×W float in [0, 1]; outputs mask,
-    depth: B×1×H×W) with its resolution and training record in the metadata, then check that
-    onnxruntime on the CPU agrees with PyTorch; the file is written only if it does."""
-    from train.export import export
-
-    r = export(ckpt_path, out, res=res, dynamic=dynamic, fp16=fp16, opset=opset, shards=shards, samples=check_samples)
-    metric = "n/a (no targets)" if r["metric_diff"] != r["metric_diff"] else f"{r['metric_diff']:.1e}"
-    click.echo(f"exported {r['model']} to {r['out']} ({r['bytes'] / 1e6:.1f} MB, opset {r['opset']}, {r['res']}px, batch"
-               f"{', H, W' if r['dynamic'] else ''} dynamic{', fp16' if r['fp16'] else ''}); onnxruntime vs PyTorch on "
-               f"{r['source']}: max abs diff {r['max_abs_diff']:.1e}, metric diff {metric} (tolerance {r['tolerance']:.0e})")
-
-
-if __name__ == "__main__":
-    main()

@@ -25,17 +25,13 @@ from PIL import Image
 
 from pipeline import store
 from pipeline.augment import Augment
-from pipeline.epoch import Plan, to_contract
+from pipeline.epoch import SHUFFLE_BUFFER, Plan, derive_seed, to_contract
 from pipeline.manifest import ROLES, LoaderError
 
 READER = "Reader"
 # Share of JPEGs the mixed decoder gives the GPU's hardware JPEG engines (A100, H100); the rest
 # are Huffman-decoded on CPU threads. DALI's default is 0.65; scripts/gpu_check.sh sweeps it.
 HW_DECODER_LOAD = 0.9
-# Shards are shuffled when packed; this mixes neighbouring shards too. Never more than a rank's
-# part: restoring a checkpoint reserves several MB of (untouched) heap per slot, and a caller
-# whose heap outgrows the RAM can no longer fork.
-SHUFFLE_BUFFER = 1024
 
 
 def _coin(p: float):
@@ -141,6 +137,8 @@ def _read(plan: Plan, source):
     pipeline.stream.StreamSource) called with each batch's BatchInfo."""
     if source is not None:
         return fn.external_source(source=source, num_outputs=len(ROLES), batch=True, batch_info=True, dtype=types.UINT8)
+    # The shuffle buffer, never more than a rank's part: restoring a checkpoint reserves several MB
+    # of (untouched) heap per slot, and a caller whose heap outgrows the RAM can no longer fork.
     return fn.readers.webdataset(
         paths=plan.tars, index_paths=plan.indexes, ext=[f"{r}.jpg;{r}.png" for r in ROLES],
         missing_component_behavior="error", name=READER, shard_id=plan.rank, num_shards=plan.world_size,
@@ -233,7 +231,7 @@ class DaliLoader:
         # Different augmentation per rank; the reader's sharding does not depend on the seed.
         pipe = depthseg_pipeline(plan, res, aug, gpu, **hints, source=source.feed() if source else None,
                                  batch_size=plan.batch_size, num_threads=threads, device_id=device_id,
-                                 seed=seed * 1000 + plan.rank, prefetch_queue_depth=2, enable_checkpointing=plan.train,
+                                 seed=derive_seed("dali", seed, plan.rank), prefetch_queue_depth=2, enable_checkpointing=plan.train,
                                  checkpoint=state)
         self.device = torch.device(device)
         # A source ends each epoch itself, with full batches (validation's padded by repeats).

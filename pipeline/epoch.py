@@ -5,6 +5,7 @@ two loaders; see its docstring for the epoch rules.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -14,7 +15,36 @@ from pathlib import Path
 import torch
 
 from pipeline import store
+from pipeline.errors import DepthsegError
 from pipeline.manifest import ManifestError, read_manifest, split_shards
+
+# Sides the models can run at: their two stride-2 stages and two x2 upsamplings meet their skips
+# only at multiples of 4. A loader, the trainer, predict and export all ask check_res.
+RES_MULTIPLE, RES_MIN = 4, 16
+
+
+class ResolutionError(DepthsegError, ValueError):
+    """A --res the models cannot run at."""
+
+
+def check_res(res: int) -> int:
+    """`res` when the models can run at it, else one sentence."""
+    if res % RES_MULTIPLE or res < RES_MIN:
+        raise ResolutionError(f"--res must be a multiple of {RES_MULTIPLE} and at least {RES_MIN}, got {res}.")
+    return res
+
+# Samples a training reader shuffles among: DALI's initial_fill, the torch loader's buffer, the
+# cap of a streamed group. Small is enough: the packer already shuffled samples across shards.
+SHUFFLE_BUFFER = 1024
+
+
+def derive_seed(purpose: str, seed: int, *keys: int) -> int:
+    """The one seed rule: a 63-bit seed (DALI, numpy, random and torch all take it) for `purpose`
+    from the run's seed and keys such as rank, epoch, worker. A hash of them all, so distinct
+    inputs never meet by arithmetic, as seed * 1000 + rank did (seed 0 rank 1000 was seed 1
+    rank 0; by chance, 1 pair in 2**63), and two purposes never share a stream."""
+    digest = hashlib.blake2b(repr((purpose, int(seed), *map(int, keys))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -43,6 +73,13 @@ class Plan:
     def starts(self) -> list[int]:
         """Where each shard's samples begin in shard order, one per shard."""
         return list(itertools.accumulate(self.counts[:-1], initial=0))
+
+    @property
+    def part_shards(self) -> list[int]:
+        """The shards (by position) holding some of this rank's part: what a reader of the part
+        alone opens."""
+        lo, hi = self.part
+        return [k for k, (a, n) in enumerate(zip(self.starts, self.counts)) if a < hi and a + n > lo]
 
     @property
     def largest_part(self) -> int:

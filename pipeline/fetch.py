@@ -4,26 +4,22 @@ A fetch takes the shard's fetch lock (a second process waits, then finds the sha
 fetch per node), reserves its bytes in the budget, downloads the tar and its index under
 temporary names (pipeline.store.download: one GET, or ranged GETs in parallel for a large
 shard), hashes the tar as it is written, checks size, sha256 and that the index belongs to the
-tar, and only then renames both into place and writes the stamp. A process killed midway leaves
-part files that the next fetch of that shard (or an eviction) deletes, never a shard under its
-final name.
+tar, and only then has the cache install them (pipeline.cache.CachedSet: renamed into place,
+stamped). A process killed midway leaves part files that the next fetch of that shard (or an
+eviction) deletes, never a shard under its final name.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
-import os
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline import store
-from pipeline.cache import PART, STAMP, Cache, CacheError, Shard, ShardFiles, disk_full, is_disk_full, lock, set_folder, unlock
-from pipeline.manifest import parse_index, write_json_atomic
+from pipeline.cache import Cache, CachedSet, CacheError, Shard, disk_full, is_disk_full, unlock
+from pipeline.tar_index import index_matches, parse_index
 
 FETCH_THREADS = 4  # shards in flight per process
 
@@ -57,56 +53,15 @@ class _TooLong(Exception):
     pass
 
 
-class Pin:
-    """A shared flock that keeps shards from eviction while it is held (until close or collection)."""
-
-    def __init__(self, path: Path):
-        fd = lock(path, fcntl.LOCK_SH)
-        self._close = weakref.finalize(self, unlock, fd)
-
-    def close(self) -> None:
-        self._close()
-
-
-class ShardSet:
-    """One shard set's copy in the cache: hit checks, pins and fetches of its shards."""
+class ShardSet(CachedSet):
+    """A shard set's copy in the cache (pipeline.cache.CachedSet: stamps, pins), filled here:
+    shards fetched from the store, checked, then installed."""
 
     def __init__(self, cache: Cache, url: str, shards: list[Shard]):
-        self.cache, self.url = cache, url.rstrip("/")
-        self.folder = set_folder(cache, self.url)
+        super().__init__(cache, url)
         self.shards = shards
         self.fetched = 0  # shards this object downloaded (the rest were there)
         self._count = threading.Lock()
-
-    def tar(self, s: Shard) -> Path:
-        return self.folder / s.tar
-
-    def index(self, s: Shard) -> Path:
-        return self.folder / s.index
-
-    def hit(self, s: Shard) -> bool:
-        """The stamp holds the manifest's sha256, and the files the sizes and mtimes it recorded."""
-        try:
-            stamp = json.loads((self.folder / (s.tar + STAMP)).read_text())
-            t, i = self.tar(s).stat(), self.index(s).stat()
-        except (OSError, ValueError):
-            return False
-        return (stamp.get("sha256") == s.sha256 and t.st_size == s.bytes and t.st_mtime_ns == stamp.get("mtime_ns")
-                and i.st_size == stamp.get("index_bytes") and i.st_mtime_ns == stamp.get("index_mtime_ns")
-                and (not s.index_bytes or i.st_size == s.index_bytes))
-
-    def touch(self, s: Shard) -> None:
-        """Mark the shard used now: eviction takes the least recently used first."""
-        try:
-            os.utime(self.folder / (s.tar + STAMP))
-        except OSError:
-            pass
-
-    def pin_set(self) -> Pin:
-        return Pin(self.folder / ".pins" / "set.pin")
-
-    def pin(self, s: Shard) -> Pin:
-        return Pin(self.folder / ".pins" / f"{s.tar}.pin")
 
     def fetch_all(self, shards: list[Shard], stop: threading.Event | None = None) -> None:
         """Every shard there, several fetched at once, in the order given (the order they are read)."""
@@ -127,7 +82,7 @@ class ShardSet:
         """Make the shard a hit (the caller has pinned it or the set)."""
         if self.hit(s):
             return self.touch(s)
-        fd = self._fetch_lock(s, stop)
+        fd = self.fetch_lock(s, stop)
         try:
             if self.hit(s):  # another process fetched it while this one waited
                 return self.touch(s)
@@ -137,32 +92,14 @@ class ShardSet:
         finally:
             unlock(fd)
 
-    def _fetch_lock(self, s: Shard, stop: threading.Event | None) -> int:
-        path = self.folder / ".pins" / f"{s.tar}.fetch"
-        while (fd := lock(path, fcntl.LOCK_EX, wait=False)) is None:
-            if stop is not None and stop.is_set():
-                raise CacheError("the shard cache's prefetch was stopped.")
-            time.sleep(0.02)
-        return fd
-
     def _download(self, s: Shard) -> None:
-        """Under the fetch lock: the tar and index to part files, checked, then renamed into place."""
-        for p in ShardFiles(self.folder, s.tar).parts():  # left by a killed process
-            p.unlink(missing_ok=True)
-        pid = os.getpid()
-        parts = (self.folder / f".{s.tar}.{s.bytes}.{pid}{PART}", self.folder / f".{s.index}.{s.index_bytes}.{pid}{PART}")
-        self.cache.reserve(s.total, lambda: [p.touch() for p in parts])
+        """Under the fetch lock: the tar and index to part files, checked, then installed."""
+        parts = self.part_files(s)
         try:
             sha = self._get(store.join(self.url, s.tar), parts[0], s.bytes)
             self._get(store.join(self.url, s.index), parts[1], s.index_bytes or 1 << 30)
             self._check(s, parts, sha)
-            with self.cache.locked():  # so that a count of the cache never sees a file twice or not at all
-                os.replace(parts[0], self.tar(s))
-                os.replace(parts[1], self.index(s))
-                t, i = self.tar(s).stat(), self.index(s).stat()
-                write_json_atomic(self.folder / (s.tar + STAMP), {
-                    "sha256": s.sha256, "bytes": t.st_size, "mtime_ns": t.st_mtime_ns, "index_bytes": i.st_size,
-                    "index_mtime_ns": i.st_mtime_ns, "samples": s.samples})
+            self.install(s, parts)
         except OSError as e:
             if is_disk_full(e):
                 raise disk_full(self.cache.root) from None
@@ -203,20 +140,3 @@ class ShardSet:
             raise BadShard(url, f"{s.index} lists {len(samples)} samples, the manifest says {s.samples}")
         if not index_matches(parts[0], samples, s.bytes):
             raise BadShard(url, f"{s.index} does not agree with {s.tar}")
-
-
-def index_matches(tar: Path, samples: list[list[tuple[str, int, int]]], size: int) -> bool:
-    """Every member the index lists lies inside the tar, behind a header that carries its name:
-    an index of another tar (an older set's) would mix members of different samples."""
-    fd = os.open(tar, os.O_RDONLY)
-    try:
-        for members in samples:
-            for name, offset, n in members:
-                want = name.encode()
-                if offset < 512 or offset + n > size:
-                    return False
-                if len(want) <= 100 and os.pread(fd, 100, offset - 512).rstrip(b"\0") != want:
-                    return False
-        return True
-    finally:
-        os.close(fd)

@@ -31,8 +31,9 @@ import torch
 
 from pipeline import store
 from pipeline.augment import Augment
-from pipeline.epoch import Plan, plan  # noqa: F401 (re-exported)
+from pipeline.epoch import Plan, check_res, plan  # noqa: F401 (re-exported)
 from pipeline.manifest import LoaderError, ManifestError  # noqa: F401 (re-exported)
+from pipeline.workers import cpu_share, node_processes
 
 LOADERS = ("dali", "torch")  # and "synthetic": random tensors, to time the model alone
 
@@ -52,8 +53,7 @@ def build_loader(shards: str | os.PathLike, split: str = "train", res: int = 224
     size such as "20GB")."""
     train = split == "train" if train is None else train
     augment = (augment or Augment()) if train else Augment.off()
-    if res % 4 or res < 16:
-        raise ValueError(f"--res must be a multiple of 4 and at least 16, got {res}")
+    check_res(res)
     if loader == "synthetic":
         return SyntheticLoader(res, batch_size, device)
     if loader not in LOADERS:
@@ -63,7 +63,7 @@ def build_loader(shards: str | os.PathLike, split: str = "train", res: int = 224
 
         parse_size(cache_limit)  # a bad size is said before anything is read
     p = plan(shards, split, batch_size, rank, world_size, train)
-    workers = workers or max(1, (os.cpu_count() or 1) // world_size)
+    workers = workers or cpu_share()
     p, source, pin = through_cache(p, loader, cache_dir, cache_limit, seed, state)
     if loader == "dali":
         from pipeline.dali_pipeline import DaliLoader
@@ -82,19 +82,17 @@ def through_cache(p: Plan, loader: str, cache_dir, cache_limit, seed: int, state
     """(plan, stream source or None, pin or None): the plan on cached files when the set fits the
     cache's budget; for DALI otherwise a source streaming through it; else the plan unchanged.
     A resumed DALI loader keeps the way its state was made, which decides the order."""
-    streamed = isinstance(state, dict)
-    if not store.is_remote(p.shards) or str(cache_dir).lower() == "off":
+    from pipeline.cache import CacheError, localize, mb
+    from pipeline.fetch import ShardSet
+
+    streamed, cache = isinstance(state, dict), localize(p.shards, cache_dir, cache_limit)
+    if cache is None:
         if streamed:
             raise LoaderError(f"the loader state was saved streaming {p.shards} through the shard cache; resume "
                               f"from the same s3:// prefix with the cache on.")
         return p, None, None
-    from pipeline.cache import Cache, CacheError, mb
-    from pipeline.fetch import ShardSet
-
-    cache = Cache(cache_dir or None, cache_limit)
-    shards = _shards(p)
+    fits, shards = cache.fits(p.set_bytes), _shards(p)
     sset = ShardSet(cache, p.shards, shards)
-    fits = p.set_bytes <= cache.limit
     if loader == "torch" and not fits:
         return p, None, None
     if loader == "dali" and (streamed or (state is None and not fits)):
@@ -114,7 +112,7 @@ def _stream_source(p: Plan, sset, shards: list, limit: int, seed: int, state):
     from pipeline import stream
     from pipeline.cache import CacheError, mb
 
-    procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    procs = node_processes()
     beside = _validation_window(p) if p.train else 0
     share = limit // procs - beside
     if isinstance(state, dict):  # the grouping decides the order: a resumed loader keeps its own
@@ -150,10 +148,9 @@ def _shards(p: Plan) -> list:
 def _read_order(p: Plan, shards: list, loader: str) -> list:
     """The split's shards from the one holding the rank's first sample on (DALI opens them all;
     the torch loader reads its part only)."""
-    lo, hi = p.part
-    first = max(k for k, a in enumerate(p.starts) if a <= lo)
     if loader == "torch":
-        return [s for s, a, n in zip(shards, p.starts, p.counts) if a < hi and a + n > lo]
+        return [shards[k] for k in p.part_shards]
+    first = max(k for k, a in enumerate(p.starts) if a <= p.part[0])
     return shards[first:] + shards[:first]
 
 

@@ -16,7 +16,7 @@ import io
 import os
 import shutil
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,11 +24,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from pipeline.errors import DepthsegError
 from pipeline.source import IMAGE_EXTS
-from pipeline.workers import ordered, worker_pool
+from pipeline.workers import cpu_share, ordered, worker_pool
 
 
-class DatasetError(Exception):
+class DatasetError(DepthsegError):
     """Bad settings or inputs; the message is one sentence for the user."""
 
 
@@ -43,7 +44,7 @@ class MakeSettings:
     size: int = 224
     quality: int = 65
     seed: int = 0
-    workers: int = os.cpu_count() or 1
+    workers: int = field(default_factory=cpu_share)
     overwrite: bool = False
 
 

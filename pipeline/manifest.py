@@ -1,4 +1,4 @@
-"""The `depthseg-wds/1` shard set: names, the DALI index format and manifest.json.
+"""The `depthseg-wds/1` shard set: names and manifest.json (the DALI index format: pipeline.tar_index).
 
 A shard folder holds `{split}-{NNNNNN}.tar` with `{split}-{NNNNNN}.idx` beside each and
 `manifest.json`, written last: its presence means the set is complete. See shards/README.md.
@@ -11,20 +11,20 @@ import os
 from pathlib import Path
 
 from pipeline import store
+from pipeline.errors import DepthsegError
 
 FORMAT = "depthseg-wds/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 # Tar member extensions of one sample, in the order they are written; images are jpg or png.
 ROLES = ("bg", "fg_bg", "mask", "depth")
-IDX_VERSION = "v1.2"  # what DALI's wds2idx writes
 
 
-class ManifestError(Exception):
+class ManifestError(DepthsegError):
     """A shard folder that cannot be used; the message is one sentence for the user."""
 
 
-class LoaderError(Exception):
+class LoaderError(DepthsegError):
     """A shard whose contents cannot be decoded mid-epoch; the message is one sentence. It lives
     here, not in loaders.py, so that depthcli can name it without importing torch and DALI."""
 
@@ -71,26 +71,3 @@ def split_shards(manifest: dict, split: str) -> list[dict]:
         have = ", ".join(f"{k} ({v['samples']} samples)" for k, v in manifest["splits"].items() if v["samples"])
         raise ManifestError(f"the shard set has no {split!r} samples; it has {have or 'none'}.")
     return shards
-
-
-def index_line(members: list[tuple[str, int, int]]) -> str:
-    """One sample's line of a DALI index: `ext offset size name` per member, where offset is where
-    the member's data starts and ext is its name after the key's dot."""
-    return " ".join(f"{name.split('.', 1)[1]} {offset} {size} {name}" for name, offset, size in members)
-
-
-def parse_index(path: Path | str, text: str | None = None) -> list[list[tuple[str, int, int]]]:
-    """The samples of a DALI index file as lists of (name, offset, size); `text`: its contents,
-    when they were read from elsewhere (a store)."""
-    name = str(path).rsplit("/", 1)[-1]
-    lines = (Path(path).read_text() if text is None else text).splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != IDX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
-        raise ValueError(f"{name} is not a {IDX_VERSION} index of {len(lines) - 1} samples")
-    samples = []
-    for line in lines[1:]:
-        f = line.split(" ")
-        if len(f) % 4:
-            raise ValueError(f"{name} has a malformed line")
-        samples.append([(f[i + 3], int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)])
-    return samples

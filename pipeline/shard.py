@@ -22,14 +22,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.manifest import FORMAT, IDX_VERSION, MANIFEST, SPLITS, index_line, shard_name, write_json_atomic
+from pipeline.errors import DepthsegError
+from pipeline.manifest import FORMAT, MANIFEST, SPLITS, shard_name, write_json_atomic
 from pipeline.source import ROLES, BadSample, Sample, Source, SourceError, load_sample, scan
-from pipeline.workers import as_done, worker_pool
+from pipeline.tar_index import IDX_VERSION, index_line
+from pipeline.workers import as_done, cpu_share, worker_pool
 
 PARTIAL = ".partial"  # progress of an unfinished run: plan.json and one record per finished shard
 
 
-class ShardError(Exception):
+class ShardError(DepthsegError):
     """The run cannot go on; the message is one sentence for the user."""
 
 
@@ -40,7 +42,7 @@ class ShardSettings:
     shard_size: int = 1000
     val_fraction: float = 0.05
     seed: int = 0
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=cpu_share)
     strict: bool = False
     overwrite: bool = False
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.errors import DepthsegError
 from pipeline.manifest import ROLES
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -38,11 +39,11 @@ EXPECTED = ("a zip or folder holding fg_bg/<bg>/<name>.jpg with fg_bg_masks/, fg
             "beside it (see shards/README.md)")
 
 
-class SourceError(Exception):
+class SourceError(DepthsegError):
     """A source that cannot be used at all; the message is one sentence for the user."""
 
 
-class BadSample(Exception):
+class BadSample(DepthsegError):
     """One sample that cannot be packed; the message is the reason."""
 
 

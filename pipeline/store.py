@@ -18,13 +18,15 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.errors import DepthsegError
+
 SCHEME = "s3://"
 # Connect and read timeouts (s) and total attempts: a dead endpoint fails in seconds, a silent
 # one within 3 × 10 s.
 TIMEOUTS = {"connect_timeout": 3, "read_timeout": 10, "retries": {"total_max_attempts": 3, "mode": "standard"}}
 
 
-class StoreError(Exception):
+class StoreError(DepthsegError):
     """The object store cannot be used as asked; the message is one sentence for the user."""
 
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.cache import CacheError, Shard, mb
-from pipeline.epoch import Plan
+from pipeline.epoch import SHUFFLE_BUFFER, Plan, derive_seed
 from pipeline.fetch import ShardSet
-from pipeline.manifest import ROLES, parse_index
+from pipeline.manifest import ROLES
 from pipeline.store import StoreError
+from pipeline.tar_index import parse_index
 
-SHUFFLE_BUFFER = 1024  # as the DALI reader's
 WINDOW = 3  # groups pinned at once
 
 
@@ -70,7 +70,7 @@ def cut(plan: Plan, shards: list[Shard], lo: int, hi: int, group_bytes: int) -> 
 
 def groups(plan: Plan, shards: list[Shard], epoch: int, seed: int, group_bytes: int) -> list[Group]:
     """The epoch's groups in reading order, the samples of each shuffled when training."""
-    rng = np.random.default_rng([seed, plan.rank, epoch])
+    rng = np.random.default_rng(derive_seed("stream", seed, plan.rank, epoch))
     out = []
     for segs in cut(plan, shards, *slice_of(plan, epoch), group_bytes):
         samples = np.concatenate([np.stack([np.full(b - a, k), np.arange(a, b)], 1) for k, a, b in segs])

@@ -25,12 +25,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline import store
-from pipeline.manifest import ROLES, SPLITS, parse_index, read_manifest
+from pipeline.errors import DepthsegError
+from pipeline.manifest import ROLES, SPLITS, read_manifest
 from pipeline.source import BadSample, check_image, image_format
-from pipeline.workers import ordered, worker_pool
+from pipeline.tar_index import parse_index
+from pipeline.workers import cpu_share, ordered, worker_pool
 
 
-class VerifyError(Exception):
+class VerifyError(DepthsegError):
     """The first problem found; the message is one sentence for the user."""
 
 
@@ -151,21 +153,20 @@ def _verify_star(args):
 
 def _through_cache(folder: str, entries: list[dict], cache_dir, cache_limit):
     """(root, limit) of the shard cache for an s3:// set that fits it, and a pin on the set; else None."""
-    if not store.is_remote(folder) or str(cache_dir).lower() == "off":
-        return None, None
-    from pipeline.cache import Cache
-    from pipeline.fetch import ShardSet
+    from pipeline.cache import CachedSet, localize
 
+    cache = localize(folder, cache_dir, cache_limit)
+    if cache is None:
+        return None, None
     sizes = store.sizes(str(folder))
     for e in entries:
         e["index_bytes"] = sizes.get(e["index"], 0)
-    cache = Cache(cache_dir or None, cache_limit)
-    if sum(e["bytes"] + e["index_bytes"] for e in entries) > cache.limit:
+    if not cache.fits(sum(e["bytes"] + e["index_bytes"] for e in entries)):
         return None, None
-    return (str(cache.root), cache.limit), ShardSet(cache, str(folder), []).pin_set()
+    return (str(cache.root), cache.limit), CachedSet(cache, str(folder)).pin_set()
 
 
-def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cpu_count() or 1,
+def verify(folder: str | os.PathLike, decode: bool = False, workers: int | None = None,
            cache_dir: str | None = None, cache_limit: str | int | None = None) -> dict:
     """Raise VerifyError naming the first bad shard; return a summary when all are good."""
     folder = folder if store.is_remote(folder) else Path(folder)
@@ -180,7 +181,7 @@ def verify(folder: str | os.PathLike, decode: bool = False, workers: int = os.cp
         raise VerifyError("the manifest's totals do not add up (packed + skipped != found).")
     sizes = {e["tar"]: e["bytes"] for e in entries}
     cache, pin = _through_cache(folder, entries, cache_dir, cache_limit)
-    with worker_pool(min(workers, len(entries)), __name__) as pool, \
+    with worker_pool(min(workers or cpu_share(), len(entries)), __name__) as pool, \
             tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="verify") as bar:
         for name, problem in ordered(pool, _verify_star, [(folder, e, decode, cache) for e in entries], window=64):
             if problem:

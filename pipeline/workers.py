@@ -1,4 +1,5 @@
-"""The worker processes of make-dataset, shard and verify; and how the torch loader forks its own.
+"""The worker processes of make-dataset, shard and verify; how the torch loader forks its own;
+and how many CPUs this process may use for them (`cpu_share`).
 
 They come from a fork server, not from a fork of the caller. A fork copies the caller: a test run
 or a notebook that has held DALI pipelines can have a heap larger than the RAM, and then fork
@@ -16,6 +17,23 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from multiprocessing import get_context
+
+
+def node_processes() -> int:
+    """The processes of this run on this node: torchrun's LOCAL_WORLD_SIZE, 1 outside torchrun.
+    Per node, not WORLD_SIZE: on 4 nodes x 8 GPUs each rank has 1/8 of its node, not 1/32."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def cpu_share() -> int:
+    """This process's share of the CPUs it may run on, at least 1: the one source of every
+    threads and workers default. The affinity mask, not os.cpu_count(): a SLURM job, a container
+    or taskset gives a process fewer CPUs than the machine has."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // node_processes())
 
 
 @contextmanager

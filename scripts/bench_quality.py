@@ -109,7 +109,7 @@ def held_out(out: Path, name: str, shards: Path, res: int, loader: str, checkout
     the checkout that trained it, once: kept in the run folder as <name>.json."""
     path = out / f"{name}.json"
     if not path.is_file():
-        cmd = [sys.executable, "-m", "pipeline.cli", "evaluate", "--checkpoint", str(out / "last.pt"), "--shards",
+        cmd = [sys.executable, "-m", "train.cli", "evaluate", "--checkpoint", str(out / "last.pt"), "--shards",
                str(shards), "--split", "train", "--res", str(res), "--loader", loader, "--device", "cpu", "--json"]
         done = subprocess.run(cmd, cwd=checkout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if done.returncode:

@@ -204,7 +204,7 @@ def main():
         import boto3
 
         boto3.client("s3").create_bucket(Bucket=BUCKET)
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "upload", args.shards, URL], check=True)
+        subprocess.run([sys.executable, "-m", "train.cli", "upload", args.shards, URL], check=True)
         results = loaders(server, args, work)
         train = training(server, args, work) if args.train_steps else []
         report(results, train, part_bytes(args.shards) // 4)

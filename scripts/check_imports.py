@@ -1,4 +1,5 @@
-"""Does every module the project imports import here? One sentence either way.
+"""Does every module the project imports import here, and does the data flow one way (no module of
+pipeline/ imports train/, lazily or not)? One sentence either way.
 
     python scripts/check_imports.py          # exit 0: all import; 1: the sentence names the missing
 
@@ -35,6 +36,19 @@ def project_imports(root: Path = ROOT) -> list[str]:
     return sorted(m for m in found if top(m) not in sys.stdlib_module_names and top(m) not in PROJECT + ("__future__",))
 
 
+def backward_imports(root: Path = ROOT) -> list[str]:
+    """"pipeline/x.py:N imports train.y" for each import of train/ in pipeline/, inside functions
+    too: train imports pipeline, so one the other way makes a circle (and drags torch into the
+    data commands)."""
+    found = []
+    for path in sorted((root / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            found += [f"{path.relative_to(root)}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "train"]
+    return found
+
+
 def missing(modules: list[str]) -> dict[str, str]:
     """{module: why} for each that does not import."""
     why = {}
@@ -47,6 +61,10 @@ def missing(modules: list[str]) -> dict[str, str]:
 
 
 def main() -> int:
+    backward = backward_imports()
+    if backward:
+        print(f"the data flow runs backwards: {'; '.join(backward)} (pipeline/ must not import train/).", file=sys.stderr)
+        return 1
     modules = sorted(set(project_imports()) | set(RUNTIME_NEEDS) | set(TEST_NEEDS))
     bad = missing(modules)
     if bad:

@@ -420,3 +420,45 @@ def test_the_trainer_passes_its_cache_settings(fresh, tmp_path):
                        "--max-steps", "1", "--no-augment", "--vis-samples", "0", "--device", "cpu", "--out",
                        str(tmp_path / "run"), "--cache-dir", str(cache), "--cache-limit", "50MB"]) == 0
     assert len(cached_files(cache, "*.tar.ok")) == 9  # train and val, in the folder given
+
+
+# --- one entry point; stamps and pins in cache.py, fetch.py downloads and checks ------------------
+
+def test_one_entry_decides_for_the_loaders_and_verify(tmp_path, monkeypatch):
+    """build_loader's and verify's way to the cache is pipeline.cache.localize, and nothing else:
+    with it saying "no cache", neither touches the store or the cache."""
+    from pipeline import cache, loaders, verify
+    from pipeline.epoch import Plan
+
+    assert cache.localize(str(tmp_path), "", "") is None  # a folder takes no cache
+    assert cache.localize("s3://b/p", "off", "") is None
+    assert cache.localize("s3://b/p", str(tmp_path / "c"), "1MB").fits(10**6)
+    asked = []
+    monkeypatch.setattr(cache, "localize", lambda url, *a: asked.append(url))
+    monkeypatch.setattr(store, "sizes", lambda *a: pytest.fail("the store was asked"))
+    p = Plan(tars=[], indexes=[], counts=[], samples=0, rank=0, world_size=1, batch_size=1, train=True, shards="s3://b/p")
+    assert loaders.through_cache(p, "dali", "", "", 0, None) == (p, None, None)
+    assert verify._through_cache("s3://b/q", [], "", "") == (None, None)
+    assert asked == ["s3://b/p", "s3://b/q"]
+
+
+def test_the_cache_owns_stamps_and_pins(tmp_path):
+    """A checked download installed by the cache is a hit until its files change; fetch.py holds no
+    stamp or pin of its own."""
+    import inspect
+
+    from pipeline import cache, fetch
+
+    s = cache.Shard("a.tar", "a.idx", 5, 3, "sha", 1)
+    cset = cache.CachedSet(cache.Cache(tmp_path / "c", "1MB"), "s3://b/p")
+    parts = cset.part_files(s)
+    parts[0].write_bytes(b"tar..")
+    parts[1].write_bytes(b"idx")
+    assert not cset.hit(s)
+    cset.install(s, parts)
+    assert cset.hit(s) and not parts[0].exists()
+    cset.tar(s).write_bytes(b"TAR..")  # edited in place: the same size, another mtime
+    os.utime(cset.tar(s), ns=(0, 0))
+    assert not cset.hit(s)
+    source = inspect.getsource(fetch)
+    assert "STAMP" not in source and ".pins" not in source and "flock" not in source

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from webdataset.gopen import gopen_schemes
 
 from pipeline import store
-from pipeline.cli import main as cli
+from train.cli import main as cli
 from test_export import save_checkpoint
 
 

@@ -20,8 +20,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import cli as cli_module
-from pipeline.cli import main as cli
+from train import cli as cli_module
+from train.cli import main as cli
 from pipeline.loaders import build_loader
 from train import checkpoint, export
 from train.metrics import MetricSums

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main as cli
+from train.cli import main as cli
 from train import precision
 from train.evaluate import evaluate
 from train.losses import LossWeights, total_loss

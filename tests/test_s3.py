@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from conftest import BUCKET, free_port, one_sentence
 from pipeline import store
 from pipeline.augment import Augment
-from pipeline.cli import main as cli
+from train.cli import main as cli
 from pipeline.loaders import build_loader
 from pipeline.manifest import LoaderError
 from pipeline.store import StoreError

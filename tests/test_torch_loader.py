@@ -217,7 +217,7 @@ def test_indexed_reading_of_long_and_non_ascii_names(tmp_path):
     import webdataset as wds
 
     from pipeline.epoch import Plan
-    from pipeline.manifest import IDX_VERSION, index_line
+    from pipeline.tar_index import IDX_VERSION, index_line
     from pipeline.shard import _TarWriter
 
     keys = ["short", "é" * 60, "x" * 120]

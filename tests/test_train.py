@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import child_pids
-from pipeline.cli import main as cli
+from train.cli import main as cli
 from train.main import TrainSettings, get_args_parser
 from train.main import main as train_main
 

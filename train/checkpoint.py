@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import DepthsegError
 from train.model import build_model
 
 FORMAT = "depthseg-ckpt/1"
 
 
-class CheckpointError(Exception):
+class CheckpointError(DepthsegError):
     """A checkpoint that cannot be used; the message is one sentence for the user."""
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.epoch import check_res
+from pipeline.errors import DepthsegError
 from train import checkpoint
 from train.metrics import MetricSums
 
@@ -36,7 +38,7 @@ TOLERANCE = {False: (1e-4, 1e-3), True: (2e-2, 2e-2)}  # fp16 -> (max abs diff, 
 CHECK_SAMPLES = 16
 
 
-class ExportError(Exception):
+class ExportError(DepthsegError):
     """Bad input or a failed export; the message is one sentence for the user."""
 
 
@@ -207,9 +209,7 @@ def export(ckpt_path: str, out: str, res: int = 0, dynamic: bool = False, fp16: 
            opset: int | None = None, shards: str | None = None, samples: int = CHECK_SAMPLES) -> dict:
     """Write `out` (atomically, only once the check passed) and return what the summary says."""
     ckpt, model = _load_model(ckpt_path)
-    res = res or ckpt["res"]
-    if res % 4 or res < 16:
-        raise ExportError(f"--res must be a multiple of 4 and at least 16, got {res}.")
+    res = check_res(res or ckpt["res"])
     batch, source = check_inputs(shards, ckpt, res, samples)
     dtype = torch.float16 if fp16 else torch.float32
     wrapper = PairModel(checkpoint.load_model(ckpt), dtype).eval()

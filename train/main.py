@@ -22,9 +22,11 @@ import torch
 import torch.distributed as dist
 
 from pipeline.augment import Augment
+from pipeline.epoch import derive_seed
+from pipeline.errors import DepthsegError
 from pipeline.loaders import build_loader
-from pipeline.manifest import LoaderError, ManifestError
-from pipeline.store import StoreError
+from pipeline.manifest import LoaderError
+from pipeline.workers import cpu_share
 from train import checkpoint, precision
 from train.dist import DistContext, barrier, cleanup, print0, setup
 from train.loop import NonFiniteLoss, StopRequest, train_one_epoch, validate
@@ -72,7 +74,7 @@ def loaders(s: TrainSettings, ctx: DistContext, stage: Stage, state, step: int):
     """(train loader, validation loader, whether the train loader goes on from `state`). A
     loader restored from its own checkpoint (DALI) goes on exactly; any other is seeded by the
     run's step too, so a resumed run does not replay the data order of its start."""
-    workers = s.workers or max(1, (os.cpu_count() or 1) // ctx.world_size)
+    workers = s.workers or cpu_share()
     aug = Augment(rotate_interp=s.rotate_interp, shared=s.aug_shared) if s.augment else Augment.off()
     common = {"res": stage.res, "batch_size": stage.batch, "loader": s.loader, "device": str(ctx.device),
               "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers, "cache_dir": s.cache_dir, "cache_limit": s.cache_limit}
@@ -93,9 +95,9 @@ def loaders(s: TrainSettings, ctx: DistContext, stage: Stage, state, step: int):
 
 
 def train(s: TrainSettings, ctx: DistContext) -> int:
-    torch.manual_seed(s.seed * 1000 + ctx.rank)
+    torch.manual_seed(derive_seed("trainer", s.seed, ctx.rank))
     if ctx.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world_size))  # ranks share the cores
+        torch.set_num_threads(cpu_share())  # the node's ranks share its cores
     else:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -186,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = settings_from(argv)
         ctx = setup(s.device)
-    except (TrainingError, checkpoint.CheckpointError, RuntimeError) as e:
+    except (DepthsegError, RuntimeError) as e:  # RuntimeError: the process group could not start
         return fail(e, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     try:
         return train(s, ctx)
-    except (TrainingError, ManifestError, checkpoint.CheckpointError, ValueError, LoaderError, StoreError) as e:
+    except (DepthsegError, ValueError) as e:
         return fail(e, ctx.rank, ctx.world_size)
     finally:
         cleanup()

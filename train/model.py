@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.epoch import RES_MULTIPLE
+
 
 class BasicBlock(nn.Module):
     """ResNet's BasicBlock, with dropout between its two convs (where Wide-ResNets put it), so
@@ -119,9 +121,9 @@ class ReferenceNet(nn.Module):
         self.mask_head, self.depth_head = Decoder(64), Decoder(128)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.shape[-2] % 4 or x.shape[-1] % 4:
+        if x.shape[-2] % RES_MULTIPLE or x.shape[-1] % RES_MULTIPLE:
             # Two stride-2 stages and two ×2 upsamplings: other sizes cannot meet their skips.
-            raise ValueError(f"input height and width must be multiples of 4, got {tuple(x.shape[-2:])}")
+            raise ValueError(f"input height and width must be multiples of {RES_MULTIPLE}, got {tuple(x.shape[-2:])}")
         bg, fg_bg = x[:, :3], x[:, 3:]
         if self.diff:
             fg_bg = torch.cat([fg_bg, (fg_bg - bg).abs()], 1)

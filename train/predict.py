@@ -23,12 +23,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.epoch import check_res
+from pipeline.errors import DepthsegError
 from train import checkpoint, precision
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-class PredictError(Exception):
+class PredictError(DepthsegError):
     """Bad input; the message is one sentence for the user."""
 
 
@@ -156,9 +158,7 @@ def runner(checkpoint_path: str | None, onnx_path: str | None, device: str, res:
                                f"--res {res} cannot run on it.")
     else:
         run = TorchRunner(checkpoint_path, device, mode, res, batch)
-    res = res or run.res
-    if res % 4 or res < 16:
-        raise PredictError(f"--res must be a multiple of 4 and at least 16, got {res}.")
+    res = check_res(res or run.res)
     return run, res
 
 

@@ -15,7 +15,7 @@ import inspect
 import json
 import math
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint, precision
 from train.dist import DistContext, print0
-from train.losses import LossWeights
+from train.evaluate import loss_weights
 from train.model import build_model, init_output_bias
 from train.settings import Stage, TrainingError, TrainSettings
 
@@ -57,7 +57,7 @@ class Run:
     def __init__(self, s: TrainSettings, stage: Stage, ctx: DistContext, chosen: precision.Precision, train_loader):
         self.s, self.stage, self.ctx, self.precision, self.train_loader = s, stage, ctx, chosen, train_loader
         self.gpu = ctx.device.type == "cuda"
-        self.weights = loss_weights(s)
+        self.weights = loss_weights(asdict(s))
         self.raw = build_model(s.model, dropout=s.dropout)
         init_output_bias(self.raw, s.mask_prior, s.depth_prior)
         if s.sync_bn and ctx.world_size > 1:
@@ -183,11 +183,6 @@ class Run:
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("time", "step", "epoch", "res"):
                 writer.add_scalar(f"{record['kind']}/{k}", v, self.step)
-
-
-def loss_weights(s: TrainSettings) -> LossWeights:
-    """The run's loss weights, by name from its settings."""
-    return LossWeights(**{f.name: getattr(s, f.name) for f in fields(LossWeights)})
 
 
 def loader_graph(s: TrainSettings, ctx: DistContext, stage: Stage) -> dict:

@@ -10,6 +10,7 @@ progressive run, and the command line itself.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.cache import CACHE_DIR_HELP, CACHE_LIMIT_HELP
+from pipeline.epoch import check_res
+from pipeline.errors import DepthsegError
 from train import checkpoint
 from train.precision import MODES
 from train.losses import LossWeights
@@ -27,6 +31,7 @@ USAGE = """Train the mask + depth model with PyTorch DDP.
     torchrun --nproc_per_node 2 train/main.py --res 64 --shards shards/ --out runs/r64
     torchrun --nproc_per_node 2 train/main.py --res 64,128,224 --epochs 8,3,2 --out runs/prog
     python train/main.py --res 64 --epochs 1          # one process works too
+    python train/main.py --config runs/r64/settings.json --out runs/again --seed 1   # a run's settings, flags over them
 
 nccl on GPUs, gloo on the CPU; bf16 autocast where it is measured faster than float32 on this
 machine (--precision auto), channels_last everywhere. Every rank reads its own part of the shards through the DALI
@@ -56,7 +61,7 @@ def default_batch(res: int, gpu: bool) -> int:
     return (GPU_BATCH if gpu else CPU_BATCH).get(res, (128 if res > 128 else 256) if gpu else (8 if res > 128 else 16))
 
 
-class TrainingError(Exception):
+class TrainingError(DepthsegError):
     """Bad settings or input; the message is one sentence for the user."""
 
 
@@ -117,10 +122,10 @@ class TrainSettings:
     aug_shared: bool = field(default=True, metadata={"help": "photometric augmentation drawn once per sample for bg and fg_bg"})
     loader: str = field(default="dali", metadata={"help": "dali, torch, or synthetic (random tensors: the model alone)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda or cpu"})
-    workers: int = field(default=0, metadata={"help": "loader threads (dali) or processes (torch) per rank; 0 = cores / ranks"})
+    workers: int = field(default=0, metadata={"help": "loader threads (dali) or processes (torch) per rank; 0 = the CPUs this process may use / the ranks on its node"})
     hw_decoder_load: float = field(default=-1.0, metadata={"help": "dali on a GPU: share of JPEGs for the hardware decoder; -1 = the loader's default (0.9)"})
-    cache_dir: str = field(default="", metadata={"help": "node-local cache of s3:// shards, shared by the node's ranks; off = none; empty = $DEPTHSEG_CACHE_DIR, else ~/.cache/depthseg/shards"})
-    cache_limit: str = field(default="", metadata={"help": "bytes the shard cache may hold, e.g. 20GB (a larger set is streamed through it); empty = $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 %% of the disk"})
+    cache_dir: str = field(default="", metadata={"help": CACHE_DIR_HELP})
+    cache_limit: str = field(default="", metadata={"help": CACHE_LIMIT_HELP})
     augment: bool = field(default=True, metadata={"help": "the reference's training augmentation"})
     rotate_interp: str = field(default="linear", metadata={"help": "rotation of bg and fg_bg: linear or nearest"})
     precision: str = field(default="auto", metadata={"help": "auto: bf16 autocast where it is measured faster than float32 "
@@ -156,6 +161,8 @@ class TrainSettings:
             if len(getattr(self, name)) not in (1, n):
                 raise TrainingError(f"--{name.replace('_', '-')} {_shown(getattr(self, name))} gives "
                                     f"{len(getattr(self, name))} values for {n} stages of --res; give one, or one per stage.")
+        for r in self.res:  # here, before settings.json is written, not at the loader
+            check_res(r)
         if len(set(self.res)) < n:
             raise TrainingError(f"--res {_shown(self.res)} repeats a resolution; each stage needs its own.")
         if not all(self.epochs):
@@ -214,6 +221,9 @@ def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
     """One flag per TrainSettings field, --no-X for booleans, each help ending in its default.
     only_given: no defaults, so parsing returns just the flags on the command line."""
     p = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Not a setting (absent unless given): the file whose settings the others default to.
+    p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                   help="start a new run from a run's settings.json; flags given override it (default: none)")
     for f in fields(TrainSettings):
         flag, default = "--" + f.name.replace("_", "-"), f.default
         shown = argparse.SUPPRESS if only_given else default
@@ -235,11 +245,17 @@ RENAMED_FLAGS = {"--bf16": ["--precision", "auto"], "--no-bf16": ["--precision",
 
 
 def settings_from(argv: list[str] | None) -> TrainSettings:
-    """The command line's settings; with --resume, the run's own, changed only where allowed."""
+    """The command line's settings over --config's (if given), the recipe filling the rest; with
+    --resume, the run's own, changed only where allowed."""
     argv = [word for arg in (sys.argv[1:] if argv is None else argv) for word in RENAMED_FLAGS.get(arg, [arg])]
     given = vars(get_args_parser(only_given=True).parse_args(argv))
-    s = TrainSettings(**vars(get_args_parser().parse_args(argv)))
-    s = replace(s, **{k: v for k, v in RECIPES[s.recipe].items() if k not in given})
+    config = read_config(given.pop("config", None))
+    parsed = vars(get_args_parser().parse_args(argv))
+    parsed.pop("config", None)
+    s = TrainSettings(**{**parsed, **{k: v for k, v in config.items() if k not in given}})
+    # The recipe fills what neither the flags nor the file say; a --recipe given fills as without a file.
+    said = given if "recipe" in given else {**config, **given}
+    s = replace(s, **{k: v for k, v in RECIPES[s.recipe].items() if k not in said})
     last = Path(s.out) / "last.pt"
     if not s.resume or not last.is_file():
         return s
@@ -252,6 +268,21 @@ def settings_from(argv: list[str] | None) -> TrainSettings:
                             f"{_shown(getattr(s, k))} differs from the run's {_shown(getattr(saved, k, None))}; "
                             f"drop it or start a new --out.")
     return replace(saved, **{k: getattr(s, k) for k in given if k in RESUMABLE_CHANGES})
+
+
+def read_config(path: str | None) -> dict:
+    """The settings a --config file holds (a run's settings.json), for a new run: its --resume is
+    not carried over, and keys of other versions' settings are left out."""
+    if not path:
+        return {}
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"--config {path}: cannot read it as a run's settings.json ({e}).") from None
+    if not isinstance(saved, dict):
+        raise TrainingError(f"--config {path}: a run's settings.json holds one JSON object, not {type(saved).__name__}.")
+    known = {f.name for f in fields(TrainSettings)} - {"resume"}
+    return {k: v for k, v in saved.items() if k in known}
 
 
 def _shown(value) -> str:
