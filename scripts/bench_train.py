@@ -35,7 +35,7 @@ def train_rate(loader: str, out: Path, shards: str, res: int, batch_size: int, s
            "--shards", shards, "--out", str(out), "--loader", loader, "--res", str(res), "--batch-size", str(batch_size),
            "--max-steps", str(steps), "--log-every", str(log_every), "--epochs", "1000", "--device", device,
            "--vis-samples", "0", *train_args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // ranks))}  # the CPUs we may use
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         output, _ = proc.communicate(timeout=timeout)
