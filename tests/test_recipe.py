@@ -66,6 +66,20 @@ def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():
     assert (mixed.dropout, mixed.schedule, mixed.optimizer) == (0.0, "cosine", "adam")
 
 
+def test_aug_ops_choose_the_augmentation_and_reference_keeps_all_of_it(capsys):
+    from pipeline.augment import OPS, Augment
+
+    ref = settings_from(["--recipe", "reference"])
+    assert ref.augmentation() == Augment(shared=False) and ref.ema == 0.0  # the seed's, whatever the defaults
+    some = settings_from(["--aug-ops", "hflip,color"]).augmentation()
+    assert (some.hflip_p, some.color_p) == (0.5, 0.5) and (some.vflip_p, some.rotate_p, some.noise_p, some.dropout_p) == (0,) * 4
+    off = lambda a: all(v == 0 for k, v in a.to_dict().items() if k.endswith("_p"))  # noqa: E731
+    assert off(settings_from(["--aug-ops", ""]).augmentation())
+    assert off(settings_from(["--no-augment", "--aug-ops", ",".join(OPS)]).augmentation())
+    assert train_main(["--aug-ops", "hflip,blur", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: --aug-ops hflip,blur: no op blur; choose from {', '.join(OPS)}.")
+
+
 def first_stage(argv: list[str]) -> Run:
     s = settings_from(argv)
     return Run(s, s.stages()[0], CPU)

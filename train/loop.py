@@ -71,6 +71,8 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
         loss.backward()
         run.optimizer.step()
         run.scheduler.step()
+        if run.ema:
+            run.ema.update(run.raw)
         run.step, run.epoch_step, n = run.step + 1, run.epoch_step + 1, n + 1
         sums += torch.stack([loss.detach(), parts["mask"], parts["depth"], (~torch.isfinite(loss.detach())).float()])
         bar.update()
@@ -107,12 +109,15 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest) -> str:
 
 
 def validate(run: Run, model, loader, writer) -> None:
-    """Every rank evaluates rank 0's model (the one saved): DDP syncs BatchNorm's running stats
-    only at the start of a forward, so after the last step each rank's differ a little."""
+    """Every rank evaluates rank 0's model (the one saved: with --ema, the average): DDP syncs
+    BatchNorm's running stats only at the start of a forward, so after the last step each rank's
+    differ a little."""
     if dist.is_initialized():
         for buffer in run.raw.buffers():
             dist.broadcast(buffer, 0)
-    metrics, kept = evaluate(run.raw, loader, run.ctx.device, run.weights, run.precision,
+    if run.ema:
+        run.ema.copy_buffers(run.raw)
+    metrics, kept = evaluate(run.scored, loader, run.ctx.device, run.weights, run.precision,
                              keep=run.s.vis_samples, progress=run.ctx.main)
     run.metrics = metrics
     run.log({"kind": "val", **{k.replace("/", "_"): v for k, v in metrics.items()}}, writer)

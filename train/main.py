@@ -21,7 +21,6 @@ if __package__ in (None, ""):  # run as a script (torchrun train/main.py): impor
 import torch
 import torch.distributed as dist
 
-from pipeline.augment import Augment
 from pipeline.loaders import build_loader
 from pipeline.manifest import LoaderError, ManifestError
 from pipeline.store import StoreError
@@ -62,6 +61,8 @@ def load_weights(run: Run, path: str | Path, what: str) -> None:
     if ckpt["model"] != run.s.model:
         raise TrainingError(f"{what} {path} holds a {ckpt['model']!r} model, not {run.s.model!r}.")
     run.raw.load_state_dict(ckpt["state_dict"])
+    if run.ema:  # the new stage's average starts from these weights
+        run.ema.reset(run.raw)
     print0(run.ctx, f"initialised from {path} (res {ckpt['res']}, step {ckpt['step']})")
 
 
@@ -88,7 +89,7 @@ def start(run: Run, resumed: dict | None, step: int, stages: list[Stage]) -> Non
 def loaders(run: Run):
     s, ctx, stage = run.s, run.ctx, run.stage
     workers = s.workers or max(1, (os.cpu_count() or 1) // ctx.world_size)
-    aug = Augment(rotate_interp=s.rotate_interp, shared=s.aug_shared) if s.augment else Augment.off()
+    aug = s.augmentation()
     common = {"res": stage.res, "batch_size": stage.batch, "loader": s.loader, "device": str(ctx.device),
               "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers, "cache_dir": s.cache_dir, "cache_limit": s.cache_limit}
     if s.loader == "dali" and s.hw_decoder_load >= 0:

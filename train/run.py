@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint, precision
 from train.dist import DistContext
+from train.ema import WeightEMA
 from train.losses import LossWeights
 from train.model import build_model, init_output_bias
 from train.settings import Stage, TrainingError, TrainSettings
@@ -63,6 +64,7 @@ class Run:
         if s.sync_bn and ctx.world_size > 1:
             self.raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.raw)
         self.raw = self.precision.prepare(self.raw.to(ctx.device))
+        self.ema = WeightEMA(self.raw, s.ema) if s.ema else None
         optimizer = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
         # Fused: one kernel for all parameters, on the CPU too (3.6x the default's time per step).
         self.optimizer = optimizer(self.raw.parameters(), lr=peak_lr(s, stage.batch * ctx.world_size, stage.lr),
@@ -97,9 +99,19 @@ class Run:
             model = DDP(model, device_ids=[self.ctx.local_rank] if self.gpu else None, **no_sync)
         return model
 
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The weights validation scores and users get: the average with --ema, else the live ones."""
+        return self.ema.model if self.ema else self.raw
+
     def state(self) -> dict:
-        return {"model": self.s.model, "model_args": {"dropout": self.s.dropout}, "res": self.stage.res,
-                "stage": self.stage.index, "state_dict": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+        # With --ema, state_dict is the average (what evaluate, predict, export and --init read)
+        # and live_state_dict the weights the optimizer moves (what --resume goes on from).
+        live = {"live_state_dict": self.raw.state_dict(), "ema_updates": self.ema.updates} if self.ema else {}
+        if self.ema:
+            self.ema.copy_buffers(self.raw)
+        return {"model": self.s.model, "model_args": {"dropout": self.s.dropout}, "res": self.stage.res, **live,
+                "stage": self.stage.index, "state_dict": self.scored.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "epoch_step": self.epoch_step, "best_loss": self.best_loss, "metrics": self.metrics,
                 "settings": asdict(self.s), "world_size": self.ctx.world_size}
@@ -120,7 +132,10 @@ class Run:
         self.last_saved = self.step
 
     def restore(self, ckpt: dict) -> None:
-        self.raw.load_state_dict(ckpt["state_dict"])
+        self.raw.load_state_dict(ckpt.get("live_state_dict", ckpt["state_dict"]))
+        if self.ema:
+            self.ema.model.load_state_dict(ckpt["state_dict"])
+            self.ema.updates = ckpt["ema_updates"]
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step, self.epoch, self.epoch_step = ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]

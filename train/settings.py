@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.augment import OPS, Augment
 from train import checkpoint
 from train.losses import LossWeights
 from train.model import MODELS
@@ -111,6 +112,8 @@ class TrainSettings:
     w_bce: float = field(default=LossWeights.w_bce, metadata={"help": "loss weight of BCE (as KL) on the mask head"})
     w_dice: float = field(default=1.0, metadata={"help": "loss weight of soft Dice on the mask head"})
     mask_image_terms: bool = field(default=False, metadata={"help": "the mask head also gets the SSIM, L1 and edge terms"})
+    ema: float = field(default=0.0, metadata={"help": "decay of an average of the weights (e.g. 0.995), updated every step; "
+                                                       "validated, and best.pt's weights; 0 = off"})
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across ranks (BatchNorm statistics of the global batch)"})
     aug_shared: bool = field(default=True, metadata={"help": "photometric augmentation drawn once per sample for bg and fg_bg"})
     loader: str = field(default="dali", metadata={"help": "dali, torch, or synthetic (random tensors: the model alone)"})
@@ -119,7 +122,9 @@ class TrainSettings:
     hw_decoder_load: float = field(default=-1.0, metadata={"help": "dali on a GPU: share of JPEGs for the hardware decoder; -1 = the loader's default (0.9)"})
     cache_dir: str = field(default="", metadata={"help": "node-local cache of s3:// shards, shared by the node's ranks; off = none; empty = $DEPTHSEG_CACHE_DIR, else ~/.cache/depthseg/shards"})
     cache_limit: str = field(default="", metadata={"help": "bytes the shard cache may hold, e.g. 20GB (a larger set is streamed through it); empty = $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 %% of the disk"})
-    augment: bool = field(default=True, metadata={"help": "the reference's training augmentation"})
+    augment: bool = field(default=True, metadata={"help": "training augmentation (--no-augment: none)"})
+    aug_ops: str = field(default=",".join(OPS), metadata={"help": "the augmentation ops used, comma-separated, of "
+                                                                 + ", ".join(OPS) + "; the others are off"})
     rotate_interp: str = field(default="linear", metadata={"help": "rotation of bg and fg_bg: linear or nearest"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast where the device runs it fast: GPUs, and CPUs with AMX "
                                                         "(float32 on other CPUs, where bf16 is slower)"})
@@ -142,6 +147,14 @@ class TrainSettings:
         for name, kind in PER_STAGE.items():
             value = getattr(self, name)
             setattr(self, name, tuple(kind(v) for v in value) if isinstance(value, (list, tuple)) else (kind(value),))
+
+    def augmentation(self) -> Augment:
+        """The training augmentation: --aug-ops of the reference's ops at the reference's values."""
+        ops = tuple(op for op in self.aug_ops.replace(" ", "").split(",") if op)
+        unknown = sorted(set(ops) - set(OPS))
+        if unknown:
+            raise TrainingError(f"--aug-ops {self.aug_ops}: no op {', '.join(unknown)}; choose from {', '.join(OPS)}.")
+        return Augment(rotate_interp=self.rotate_interp, shared=self.aug_shared).only(*ops) if self.augment else Augment.off()
 
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
@@ -197,7 +210,7 @@ RECIPES = {
     "diff": {"model": "diff", "lr": (2e-3,)},
     "reference": {"model": "reference", "optimizer": "adam", "lr": (1e-3,), "lr_scaling": "none", "schedule": "step", "warmup": 0.0,
                   "dropout": 0.2, "mask_prior": 0.0, "depth_prior": 0.0, "w_dice": 0.0, "mask_image_terms": True,
-                  "sync_bn": False, "aug_shared": False},
+                  "sync_bn": False, "aug_shared": False, "aug_ops": ",".join(OPS), "ema": 0.0},
 }
 CHOICES = {"recipe": tuple(RECIPES), "model": tuple(MODELS), "optimizer": ("adamw", "adam"),
            "lr_scaling": ("sqrt", "linear", "none"),
@@ -232,6 +245,7 @@ def settings_from(argv: list[str] | None) -> TrainSettings:
     given = vars(get_args_parser(only_given=True).parse_args(argv))
     s = TrainSettings(**vars(get_args_parser().parse_args(argv)))
     s = replace(s, **{k: v for k, v in RECIPES[s.recipe].items() if k not in given})
+    s.augmentation()  # an unknown --aug-ops op: one sentence before anything starts
     last = Path(s.out) / "last.pt"
     if not s.resume or not last.is_file():
         return s
