@@ -48,6 +48,9 @@ def test_lr_scales_with_the_global_batch():
     assert peak_lr(TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="sqrt"), 128) == pytest.approx(2e-3)
     assert peak_lr(TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="linear"), 128) == pytest.approx(4e-3)
     assert peak_lr(TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="none"), 128) == pytest.approx(1e-3)
+    capped = TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="sqrt", lr_max=3e-3)
+    assert peak_lr(capped, 128) == pytest.approx(2e-3) and peak_lr(capped, 1024) == pytest.approx(3e-3)
+    assert peak_lr(TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="sqrt", lr_max=0), 1024) == pytest.approx(1e-3 * 32 ** 0.5)
 
 
 def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():

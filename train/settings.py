@@ -94,6 +94,7 @@ class TrainSettings:
     lr: tuple = field(default=(2e-3,), metadata={"help": "peak learning rate at a global batch of --lr-batch, one for every "
                                                          "stage or one per stage (e.g. 4e-3,1e-3,5e-4)"})
     lr_batch: int = field(default=32, metadata={"help": "global batch (all ranks) at which --lr applies"})
+    lr_max: float = field(default=0.0, metadata={"help": "cap on the peak learning rate after scaling to the global batch; 0 = none"})
     lr_scaling: str = field(default="sqrt", metadata={"help": "how the learning rate follows the global batch: sqrt, linear or none"})
     schedule: str = field(default="cosine", metadata={"help": "cosine (to 0 at each stage's last step, after --warmup) or step (StepLR)"})
     warmup: float = field(default=0.05, metadata={"help": "linear warm-up over this fraction of each stage's steps"})
@@ -210,7 +211,7 @@ RECIPES = {
     "diff": {"model": "diff", "lr": (2e-3,)},
     "reference": {"model": "reference", "optimizer": "adam", "lr": (1e-3,), "lr_scaling": "none", "schedule": "step", "warmup": 0.0,
                   "dropout": 0.2, "mask_prior": 0.0, "depth_prior": 0.0, "w_dice": 0.0, "mask_image_terms": True,
-                  "sync_bn": False, "aug_shared": False, "aug_ops": ",".join(OPS), "ema": 0.0},
+                  "sync_bn": False, "aug_shared": False, "aug_ops": ",".join(OPS), "ema": 0.0, "lr_max": 0.0},
 }
 CHOICES = {"recipe": tuple(RECIPES), "model": tuple(MODELS), "optimizer": ("adamw", "adam"),
            "lr_scaling": ("sqrt", "linear", "none"),
