@@ -74,6 +74,16 @@ def test_ema_is_validated_saved_resumed_and_evaluated(exact_shards, tmp_path):
         assert all(torch.equal(resumed[key][k], ckpt[key][k]) for k in ckpt[key]), key
 
 
+def test_decay_follows_the_global_batch():
+    """--ema is the decay a step at --lr-batch: at 4x the batch a step counts 4 of those."""
+    from test_recipe import first_stage
+
+    small = first_stage(["--res", "32", "--batch-size", "8", "--lr-batch", "8", "--ema", "0.99"])
+    large = first_stage(["--res", "32", "--batch-size", "32", "--lr-batch", "8", "--ema", "0.99"])
+    assert small.ema.decay == pytest.approx(0.99) and large.ema.decay == pytest.approx(0.99 ** 4)
+    assert first_stage(["--res", "32", "--batch-size", "8", "--ema", "0"]).ema is None
+
+
 def test_without_ema_the_checkpoint_holds_the_live_weights_only(exact_shards, tmp_path):
     out = tmp_path / "plain"
     assert train_main(ARGS[:-2] + ["--shards", str(exact_shards), "--out", str(out), "--max-steps", "2"]) == 0

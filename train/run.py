@@ -66,7 +66,10 @@ class Run:
         if s.sync_bn and ctx.world_size > 1:
             self.raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.raw)
         self.raw = self.precision.prepare(self.raw.to(ctx.device))
-        self.ema = WeightEMA(self.raw, s.ema) if s.ema else None
+        # --ema is the decay a step at --lr-batch: a larger global batch decays as many samples' worth
+        # a step, so the average spans the same samples seen whatever the batch.
+        global_batch = stage.batch * ctx.world_size
+        self.ema = WeightEMA(self.raw, s.ema ** (global_batch / s.lr_batch)) if s.ema else None
         optimizer = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
         # Fused: one kernel for all parameters, on the CPU too (3.6x the default's time per step).
         self.optimizer = optimizer(self.raw.parameters(), lr=peak_lr(s, stage.batch * ctx.world_size, stage.lr),

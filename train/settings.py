@@ -113,8 +113,8 @@ class TrainSettings:
     w_bce: float = field(default=LossWeights.w_bce, metadata={"help": "loss weight of BCE (as KL) on the mask head"})
     w_dice: float = field(default=1.0, metadata={"help": "loss weight of soft Dice on the mask head"})
     mask_image_terms: bool = field(default=False, metadata={"help": "the mask head also gets the SSIM, L1 and edge terms"})
-    ema: float = field(default=0.0, metadata={"help": "decay of an average of the weights (e.g. 0.995), updated every step; "
-                                                       "validated, and best.pt's weights; 0 = off"})
+    ema: float = field(default=0.0, metadata={"help": "decay of an average of the weights (e.g. 0.995) a step at a global batch of "
+                                                       "--lr-batch (d^(batch/lr-batch) at another); validated, and best.pt's weights; 0 = off"})
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across ranks (BatchNorm statistics of the global batch)"})
     aug_shared: bool = field(default=True, metadata={"help": "photometric augmentation drawn once per sample for bg and fg_bg"})
     loader: str = field(default="dali", metadata={"help": "dali, torch, or synthetic (random tensors: the model alone)"})
