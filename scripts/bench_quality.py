@@ -69,8 +69,8 @@ VARIANTS = {
     "fast+dropout": "--dropout 0.2",
     "fast-prior": "--mask-prior 0 --depth-prior 0",
     "fast-dice": "--w-dice 0 --mask-image-terms",
-    "fast-indep-aug": "--no-aug-shared",
-    "fast+no-aug": "--no-augment",
+    "fast+reference-aug": "--aug-ops hflip,vflip,rotate,color,noise,dropout",  # the default before issue 23
+    "fast+indep-aug": "--aug-ops hflip,vflip,rotate,color,noise,dropout --no-aug-shared",
     "fast-lr1e-3": "--lr 1e-3",
     "fast-lr4e-3": "--lr 4e-3",
     "fast-onecycle": "--warmup 0.3",

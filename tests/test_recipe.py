@@ -74,9 +74,11 @@ def test_aug_ops_choose_the_augmentation_and_reference_keeps_all_of_it(capsys):
 
     ref = settings_from(["--recipe", "reference"])
     assert ref.augmentation() == Augment(shared=False) and ref.ema == 0.0  # the seed's, whatever the defaults
+    off = lambda a: all(v == 0 for k, v in a.to_dict().items() if k.endswith("_p"))  # noqa: E731
+    assert off(settings_from([]).augmentation())  # the default: none (the quality benchmark's choice)
+    assert settings_from(["--recipe", "diff"]).augmentation() == Augment(shared=True)  # the defaults before the unet
     some = settings_from(["--aug-ops", "hflip,color"]).augmentation()
     assert (some.hflip_p, some.color_p) == (0.5, 0.5) and (some.vflip_p, some.rotate_p, some.noise_p, some.dropout_p) == (0,) * 4
-    off = lambda a: all(v == 0 for k, v in a.to_dict().items() if k.endswith("_p"))  # noqa: E731
     assert off(settings_from(["--aug-ops", ""]).augmentation())
     assert off(settings_from(["--no-augment", "--aug-ops", ",".join(OPS)]).augmentation())
     assert train_main(["--aug-ops", "hflip,blur", "--device", "cpu"]) == 1
