@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 
+OPS = ("hflip", "vflip", "rotate", "color", "noise", "dropout")  # each switched by its `<op>_p`
+
+
 @dataclass(frozen=True)
 class Augment:
     hflip_p: float = 0.5

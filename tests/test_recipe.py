@@ -48,6 +48,9 @@ def test_lr_scales_with_the_global_batch():
     assert peak_lr(TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="sqrt"), 128) == pytest.approx(2e-3)
     assert peak_lr(TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="linear"), 128) == pytest.approx(4e-3)
     assert peak_lr(TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="none"), 128) == pytest.approx(1e-3)
+    capped = TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="sqrt", lr_max=3e-3)
+    assert peak_lr(capped, 128) == pytest.approx(2e-3) and peak_lr(capped, 1024) == pytest.approx(3e-3)
+    assert peak_lr(TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="sqrt", lr_max=0), 1024) == pytest.approx(1e-3 * 32 ** 0.5)
 
 
 def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():
@@ -64,6 +67,22 @@ def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():
     assert any(getattr(fast, k) != v for k, v in RECIPES["reference"].items())
     mixed = settings_from(["--recipe", "reference", "--dropout", "0", "--schedule", "cosine"])
     assert (mixed.dropout, mixed.schedule, mixed.optimizer) == (0.0, "cosine", "adam")
+
+
+def test_aug_ops_choose_the_augmentation_and_reference_keeps_all_of_it(capsys):
+    from pipeline.augment import OPS, Augment
+
+    ref = settings_from(["--recipe", "reference"])
+    assert ref.augmentation() == Augment(shared=False) and ref.ema == 0.0  # the seed's, whatever the defaults
+    off = lambda a: all(v == 0 for k, v in a.to_dict().items() if k.endswith("_p"))  # noqa: E731
+    assert off(settings_from([]).augmentation())  # the default: none (the quality benchmark's choice)
+    assert settings_from(["--recipe", "diff"]).augmentation() == Augment(shared=True)  # the defaults before the unet
+    some = settings_from(["--aug-ops", "hflip,color"]).augmentation()
+    assert (some.hflip_p, some.color_p) == (0.5, 0.5) and (some.vflip_p, some.rotate_p, some.noise_p, some.dropout_p) == (0,) * 4
+    assert off(settings_from(["--aug-ops", ""]).augmentation())
+    assert off(settings_from(["--no-augment", "--aug-ops", ",".join(OPS)]).augmentation())
+    assert train_main(["--aug-ops", "hflip,blur", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: --aug-ops hflip,blur: no op blur; choose from {', '.join(OPS)}.")
 
 
 def first_stage(argv: list[str], steps_per_epoch: int = 10) -> Run:

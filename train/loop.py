@@ -107,12 +107,15 @@ def train_one_epoch(run: Run, model, loader, writer, stop: StopRequest, exact: b
 
 
 def validate(run: Run, loader, writer) -> None:
-    """Every rank evaluates rank 0's model (the one saved): DDP syncs BatchNorm's running stats
-    only at the start of a forward, so after the last step each rank's differ a little."""
+    """Every rank evaluates rank 0's model (the one saved: with --ema, the average): DDP syncs
+    BatchNorm's running stats only at the start of a forward, so after the last step each rank's
+    differ a little."""
     if dist.is_initialized():
         for buffer in run.raw.buffers():
             dist.broadcast(buffer, 0)
-    metrics, kept = evaluate(run.raw, loader, run.ctx.device, run.weights, run.precision,
+    if run.ema:
+        run.ema.copy_buffers(run.raw)
+    metrics, kept = evaluate(run.scored, loader, run.ctx.device, run.weights, run.precision,
                              keep=run.s.vis_samples, progress=run.ctx.main)
     run.validated(metrics)
     run.log({"kind": "val", **{k.replace("/", "_"): v for k, v in metrics.items()}}, writer)

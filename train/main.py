@@ -21,7 +21,6 @@ if __package__ in (None, ""):  # run as a script (torchrun train/main.py): impor
 import torch
 import torch.distributed as dist
 
-from pipeline.augment import Augment
 from pipeline.epoch import derive_seed
 from pipeline.errors import DepthsegError
 from pipeline.loaders import build_loader
@@ -75,7 +74,7 @@ def loaders(s: TrainSettings, ctx: DistContext, stage: Stage, state, step: int):
     loader restored from its own checkpoint (DALI) goes on exactly; any other is seeded by the
     run's step too, so a resumed run does not replay the data order of its start."""
     workers = s.workers or cpu_share()
-    aug = Augment(rotate_interp=s.rotate_interp, shared=s.aug_shared) if s.augment else Augment.off()
+    aug = s.augmentation()
     common = {"res": stage.res, "batch_size": stage.batch, "loader": s.loader, "device": str(ctx.device),
               "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers, "cache_dir": s.cache_dir, "cache_limit": s.cache_limit}
     if s.loader == "dali" and s.hw_decoder_load >= 0:

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import checkpoint, precision
 from train.dist import DistContext, print0
+from train.ema import WeightEMA
 from train.evaluate import loss_weights
 from train.model import build_model, init_output_bias
 from train.settings import Stage, TrainingError, TrainSettings
@@ -44,9 +45,11 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, s: TrainSettings) -> 
 
 def peak_lr(s: TrainSettings, global_batch: int, lr: float | None = None) -> float:
     """--lr (a stage's, or the first) moved to the global batch: linear (Goyal et al. 2017, for
-    SGD) or square root (what keeps Adam's update noise level, Malladi et al. 2022)."""
+    SGD) or square root (what keeps Adam's update noise level, Malladi et al. 2022), then capped
+    at --lr-max: Adam at a GPU's batch diverges or learns less past it (BENCHMARKS.md, issue 23)."""
     ratio = global_batch / s.lr_batch
-    return (s.lr[0] if lr is None else lr) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[s.lr_scaling]
+    scaled = (s.lr[0] if lr is None else lr) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[s.lr_scaling]
+    return min(scaled, s.lr_max) if s.lr_max else scaled
 
 
 class Run:
@@ -63,6 +66,10 @@ class Run:
         if s.sync_bn and ctx.world_size > 1:
             self.raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.raw)
         self.raw = self.precision.prepare(self.raw.to(ctx.device))
+        # --ema is the decay a step at --lr-batch: a larger global batch decays as many samples' worth
+        # a step, so the average spans the same samples seen whatever the batch.
+        global_batch = stage.batch * ctx.world_size
+        self.ema = WeightEMA(self.raw, s.ema ** (global_batch / s.lr_batch)) if s.ema else None
         optimizer = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
         # Fused: one kernel for all parameters, on the CPU too (3.6x the default's time per step).
         self.optimizer = optimizer(self.raw.parameters(), lr=peak_lr(s, stage.batch * ctx.world_size, stage.lr),
@@ -87,6 +94,8 @@ class Run:
             if ckpt["model"] != self.s.model:
                 raise TrainingError(f"{what} {weights} holds a {ckpt['model']!r} model, not {self.s.model!r}.")
             self.raw.load_state_dict(ckpt["state_dict"])
+            if self.ema:  # the stage's average starts from these weights
+                self.ema.reset(self.raw)
             print0(self.ctx, f"initialised from {weights} (res {ckpt['res']}, step {ckpt['step']})")
 
     def wrap(self) -> torch.nn.Module:
@@ -102,6 +111,8 @@ class Run:
 
     def stepped(self) -> None:
         """After each optimizer step."""
+        if self.ema:
+            self.ema.update(self.raw)
         self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
 
     def validated(self, metrics: dict) -> None:
@@ -118,9 +129,19 @@ class Run:
             for name in {"best.pt", self.stage.best if self.stage.count > 1 else "best.pt"}:
                 checkpoint.copy(self.out / "last.pt", self.out / name)
 
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The weights validation scores and users get: the average with --ema, else the live ones."""
+        return self.ema.model if self.ema else self.raw
+
     def state(self) -> dict:
-        return {"model": self.s.model, "model_args": {"dropout": self.s.dropout}, "res": self.stage.res,
-                "stage": self.stage.index, "state_dict": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+        # With --ema, state_dict is the average (what evaluate, predict, export and --init read)
+        # and live_state_dict the weights the optimizer moves (what --resume goes on from).
+        live = {"live_state_dict": self.raw.state_dict(), "ema_updates": self.ema.updates} if self.ema else {}
+        if self.ema:
+            self.ema.copy_buffers(self.raw)
+        return {"model": self.s.model, "model_args": {"dropout": self.s.dropout}, "res": self.stage.res, **live,
+                "stage": self.stage.index, "state_dict": self.scored.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "epoch_step": self.epoch_step, "best_loss": self.best_loss, "metrics": self.metrics,
                 "settings": asdict(self.s), "world_size": self.ctx.world_size, "batch": self.stage.batch,
@@ -143,7 +164,10 @@ class Run:
 
     def restore(self, ckpt: dict, exact: bool) -> None:
         """Inside the stage from last.pt; `exact`: the train loader goes on from its saved state."""
-        self.raw.load_state_dict(ckpt["state_dict"])
+        self.raw.load_state_dict(ckpt.get("live_state_dict", ckpt["state_dict"]))
+        if self.ema:
+            self.ema.model.load_state_dict(ckpt["state_dict"])
+            self.ema.updates = ckpt["ema_updates"]
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step, self.epoch, self.epoch_step = ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]

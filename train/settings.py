@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.augment import OPS, Augment
 from pipeline.cache import CACHE_DIR_HELP, CACHE_LIMIT_HELP
 from pipeline.epoch import check_res
 from pipeline.errors import DepthsegError
@@ -100,6 +101,7 @@ class TrainSettings:
     lr: tuple = field(default=(2e-3,), metadata={"help": "peak learning rate at a global batch of --lr-batch, one for every "
                                                          "stage or one per stage (e.g. 4e-3,1e-3,5e-4)"})
     lr_batch: int = field(default=32, metadata={"help": "global batch (all ranks) at which --lr applies"})
+    lr_max: float = field(default=0.0, metadata={"help": "cap on the peak learning rate after scaling to the global batch; 0 = none"})
     lr_scaling: str = field(default="sqrt", metadata={"help": "how the learning rate follows the global batch: sqrt, linear or none"})
     schedule: str = field(default="cosine", metadata={"help": "cosine (to 0 at each stage's last step, after --warmup) or step (StepLR)"})
     warmup: float = field(default=0.05, metadata={"help": "linear warm-up over this fraction of each stage's steps"})
@@ -118,6 +120,8 @@ class TrainSettings:
     w_bce: float = field(default=LossWeights.w_bce, metadata={"help": "loss weight of BCE (as KL) on the mask head"})
     w_dice: float = field(default=1.0, metadata={"help": "loss weight of soft Dice on the mask head"})
     mask_image_terms: bool = field(default=False, metadata={"help": "the mask head also gets the SSIM, L1 and edge terms"})
+    ema: float = field(default=0.0, metadata={"help": "decay of an average of the weights (e.g. 0.995) a step at a global batch of "
+                                                       "--lr-batch (d^(batch/lr-batch) at another); validated, and best.pt's weights; 0 = off"})
     sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm across ranks (BatchNorm statistics of the global batch)"})
     aug_shared: bool = field(default=True, metadata={"help": "photometric augmentation drawn once per sample for bg and fg_bg"})
     loader: str = field(default="dali", metadata={"help": "dali, torch, or synthetic (random tensors: the model alone)"})
@@ -126,7 +130,11 @@ class TrainSettings:
     hw_decoder_load: float = field(default=-1.0, metadata={"help": "dali on a GPU: share of JPEGs for the hardware decoder; -1 = the loader's default (0.9)"})
     cache_dir: str = field(default="", metadata={"help": CACHE_DIR_HELP})
     cache_limit: str = field(default="", metadata={"help": CACHE_LIMIT_HELP})
-    augment: bool = field(default=True, metadata={"help": "the reference's training augmentation"})
+    augment: bool = field(default=True, metadata={"help": "training augmentation as --aug-ops says (--no-augment: none, whatever it says)"})
+    # None by default: at 16k samples every op cost mask IoU and depth rms, on the val split, on
+    # held-out scenes and on real photos alike (BENCHMARKS.md, "A better model from the same samples").
+    aug_ops: str = field(default="", metadata={"help": "the augmentation ops used, comma-separated, of " + ", ".join(OPS)
+                                                       + " (the reference's: all of them); empty = none"})
     rotate_interp: str = field(default="linear", metadata={"help": "rotation of bg and fg_bg: linear or nearest"})
     precision: str = field(default="auto", metadata={"help": "auto: bf16 autocast where it is measured faster than float32 "
                                                           "for this model, resolution and batch on this machine (native bf16 on "
@@ -150,6 +158,14 @@ class TrainSettings:
         for name, kind in PER_STAGE.items():
             value = getattr(self, name)
             setattr(self, name, tuple(kind(v) for v in value) if isinstance(value, (list, tuple)) else (kind(value),))
+
+    def augmentation(self) -> Augment:
+        """The training augmentation: --aug-ops of the reference's ops at the reference's values."""
+        ops = tuple(op for op in self.aug_ops.replace(" ", "").split(",") if op)
+        unknown = sorted(set(ops) - set(OPS))
+        if unknown:
+            raise TrainingError(f"--aug-ops {self.aug_ops}: no op {', '.join(unknown)}; choose from {', '.join(OPS)}.")
+        return Augment(rotate_interp=self.rotate_interp, shared=self.aug_shared).only(*ops) if self.augment else Augment.off()
 
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
@@ -204,10 +220,10 @@ class Stage:
 # What --recipe sets, unless given on the command line. "fast" is the dataclass defaults above.
 RECIPES = {
     "fast": {},
-    "diff": {"model": "diff", "lr": (2e-3,)},
+    "diff": {"model": "diff", "lr": (2e-3,), "aug_ops": ",".join(OPS)},
     "reference": {"model": "reference", "optimizer": "adam", "lr": (1e-3,), "lr_scaling": "none", "schedule": "step", "warmup": 0.0,
                   "dropout": 0.2, "mask_prior": 0.0, "depth_prior": 0.0, "w_dice": 0.0, "mask_image_terms": True,
-                  "sync_bn": False, "aug_shared": False},
+                  "sync_bn": False, "aug_shared": False, "aug_ops": ",".join(OPS), "ema": 0.0, "lr_max": 0.0},
 }
 CHOICES = {"recipe": tuple(RECIPES), "precision": MODES, "model": tuple(MODELS), "optimizer": ("adamw", "adam"),
            "lr_scaling": ("sqrt", "linear", "none"),
@@ -256,6 +272,7 @@ def settings_from(argv: list[str] | None) -> TrainSettings:
     # The recipe fills what neither the flags nor the file say; a --recipe given fills as without a file.
     said = given if "recipe" in given else {**config, **given}
     s = replace(s, **{k: v for k, v in RECIPES[s.recipe].items() if k not in said})
+    s.augmentation()  # an unknown --aug-ops op: one sentence before anything starts
     last = Path(s.out) / "last.pt"
     if not s.resume or not last.is_file():
         return s
