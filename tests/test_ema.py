@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main as cli
+from train.cli import main as cli
 from train.ema import WeightEMA
 from train.main import main as train_main
 
