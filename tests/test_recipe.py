@@ -281,3 +281,19 @@ def test_quality_table_puts_the_baselines_beside_each_run():
     lines = bq.table([run], base, held_base).splitlines()
     assert lines[0].endswith("| real-bg mask IoU | wall s |") and lines[3].endswith("| 0.0600 | 0.2500 | 99 |")
     assert bq.parse_budget("4k") == 4000 and bq.parse_budget("32k") == 32000 and bq.parse_budget("500") == 500
+
+
+def test_a_run_from_before_aug_ops_goes_on_with_every_op(tmp_path):
+    """Settings saved before --aug-ops existed (no such key) trained with the reference's ops:
+    --resume and --config keep them, where today's default is none."""
+    from dataclasses import asdict
+
+    from pipeline.augment import OPS
+    from train import checkpoint
+
+    old = {k: v for k, v in asdict(TrainSettings(out=str(tmp_path / "old"))).items() if k != "aug_ops"}
+    checkpoint.save(tmp_path / "old" / "last.pt", {"settings": old})
+    assert settings_from(["--out", str(tmp_path / "old"), "--resume"]).aug_ops == ",".join(OPS)
+    (tmp_path / "settings.json").write_text(json.dumps(old))
+    assert settings_from(["--config", str(tmp_path / "settings.json"), "--out", str(tmp_path / "new")]).aug_ops == ",".join(OPS)
+    assert settings_from([]).aug_ops == ""

@@ -256,6 +256,10 @@ def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+# What a run's saved settings mean where they predate a setting whose default has changed since:
+# a run from before --aug-ops trained with every op, and goes on (or is copied) that way.
+BEFORE_THEY_WERE_SAVED = {"aug_ops": ",".join(OPS)}
+
 # Flags of earlier versions, said in today's words.
 RENAMED_FLAGS = {"--bf16": ["--precision", "auto"], "--no-bf16": ["--precision", "float32"]}
 
@@ -277,7 +281,7 @@ def settings_from(argv: list[str] | None) -> TrainSettings:
     if not s.resume or not last.is_file():
         return s
     known = {f.name for f in fields(TrainSettings)}
-    saved = TrainSettings(**{k: v for k, v in checkpoint.load(last)["settings"].items() if k in known})
+    saved = TrainSettings(**{**BEFORE_THEY_WERE_SAVED, **{k: v for k, v in checkpoint.load(last)["settings"].items() if k in known}})
     differ = [k for k, v in given.items() if k not in RESUMABLE_CHANGES and getattr(saved, k, None) != getattr(s, k)]
     if differ:
         k = differ[0]
@@ -299,7 +303,7 @@ def read_config(path: str | None) -> dict:
     if not isinstance(saved, dict):
         raise TrainingError(f"--config {path}: a run's settings.json holds one JSON object, not {type(saved).__name__}.")
     known = {f.name for f in fields(TrainSettings)} - {"resume"}
-    return {k: v for k, v in saved.items() if k in known}
+    return {**BEFORE_THEY_WERE_SAVED, **{k: v for k, v in saved.items() if k in known}}
 
 
 def _shown(value) -> str:
