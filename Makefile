@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The whole product on a small built-in dataset, on the CPU in under 3 minutes: make 3,200
+# The whole product on a small built-in dataset, on a 2-core CPU in minutes (4 min 32 s measured
+# with ~60 % of a shared machine; BENCHMARKS.md): make 3,200
 # samples (40 backgrounds x 40 objects, one placement each: varied samples seen few times beat
 # few seen often), shard them with a 10 % validation split (320 samples: a figure, not noise)
 # and verify them, train the default model (unet) on 2 ranks under torchrun at 64 px, 4 epochs
