@@ -61,12 +61,13 @@ def kill_tree(pid: int) -> None:
         p = todo.pop()
         tree.append(p)
         _signal(p, signal.SIGSTOP)
-        todo += _children(p)
+        todo += children(p)
     for p in tree:
         _signal(p, signal.SIGKILL)
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (tests use it to signal torchrun's workers)."""
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

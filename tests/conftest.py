@@ -112,16 +112,15 @@ def exact_shards(tmp_path_factory) -> Path:
 
 
 def child_pids(pid: int) -> list[int]:
-    """The worker processes torchrun started."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
+    """The worker processes torchrun started (scripts/bench_train.py's walk of /proc)."""
+    return _bench_train().children(pid)
+
+
+def _bench_train():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(script: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
