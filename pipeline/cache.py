@@ -41,8 +41,8 @@ from pipeline.manifest import LoaderError, write_json_atomic
 
 ENV_DIR, ENV_LIMIT = "DEPTHSEG_CACHE_DIR", "DEPTHSEG_CACHE_LIMIT"
 # --cache-dir and --cache-limit, for depthcli and the trainer alike.
-CACHE_DIR_HELP = ("node-local cache of s3:// shards, shared by the node's processes; off = none (DALI then reads the "
-                  "store itself, slowly); empty = $DEPTHSEG_CACHE_DIR, else $XDG_CACHE_HOME/depthseg/shards, else "
+CACHE_DIR_HELP = ("node-local cache of s3:// shards, shared by the node's processes; off = none (then each sample is "
+                  "a ranged GET, slowly); empty = $DEPTHSEG_CACHE_DIR, else $XDG_CACHE_HOME/depthseg/shards, else "
                   "~/.cache/depthseg/shards")
 CACHE_LIMIT_HELP = ("bytes the shard cache may hold, e.g. 500MB or 20GB; a set larger than this is streamed through "
                     "it; empty = $DEPTHSEG_CACHE_LIMIT, else what it holds plus the free disk, less 5 per cent of the disk")

@@ -1,4 +1,5 @@
-"""The DALI graph: read shards, decode, resize, augment, hand batches to PyTorch.
+"""The DALI graph: samples fed in pipeline.epoch's order, decoded, resized, augmented, handed
+to PyTorch.
 
 One graph for the GPU (JPEG decoded by device="mixed", every op on the GPU) and the CPU
 (device_id=None, the same ops on CPU threads). A sample travels as three images: bg, fg_bg and
@@ -10,8 +11,8 @@ on the samples that drew it. Costs per op on the CPU are in BENCHMARKS.md.
 
 from __future__ import annotations
 
-import os
-import tarfile
+import io
+import weakref
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -23,12 +24,10 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from PIL import Image
 
-from pipeline import store
 from pipeline.augment import Augment
-from pipeline.epoch import SHUFFLE_BUFFER, Plan, derive_seed, to_contract
+from pipeline.epoch import Deal, derive_seed, to_contract
 from pipeline.manifest import ROLES, LoaderError
-
-READER = "Reader"
+from pipeline.reader import SampleReader
 # Share of JPEGs the mixed decoder gives the GPU's hardware JPEG engines (A100, H100); the rest
 # are Huffman-decoded on CPU threads. DALI's default is 0.65; scripts/gpu_check.sh sweeps it.
 HW_DECODER_LOAD = 0.9
@@ -132,33 +131,21 @@ def _photometric(img, d: dict, aug: Augment, bank, res: int):
     return img
 
 
-def _read(plan: Plan, source):
-    """The encoded images of each sample: DALI's reader over the plan's files, or `source` (a
-    pipeline.stream.StreamSource) called with each batch's BatchInfo."""
-    if source is not None:
-        return fn.external_source(source=source, num_outputs=len(ROLES), batch=True, batch_info=True, dtype=types.UINT8)
-    # The shuffle buffer, never more than a rank's part: restoring a checkpoint reserves several MB
-    # of (untouched) heap per slot, and a caller whose heap outgrows the RAM can no longer fork.
-    return fn.readers.webdataset(
-        paths=plan.tars, index_paths=plan.indexes, ext=[f"{r}.jpg;{r}.png" for r in ROLES],
-        missing_component_behavior="error", name=READER, shard_id=plan.rank, num_shards=plan.world_size,
-        random_shuffle=plan.train, initial_fill=min(SHUFFLE_BUFFER, plan.largest_part), stick_to_shard=not plan.train,
-        pad_last_batch=not plan.train)
-
-
 @pipeline_def(enable_conditionals=True)
-def depthseg_pipeline(plan: Plan, res: int, aug: Augment, gpu: bool, hw_decoder_load: float = HW_DECODER_LOAD,
-                      size_hint: tuple[int, int] = (0, 0), source=None):
-    """Shards → bg (3), fg_bg (3), labels (mask and depth, 2): float CHW in [0, 1]. On the GPU,
+def depthseg_pipeline(feed, train: bool, res: int, aug: Augment, gpu: bool, hw_decoder_load: float = HW_DECODER_LOAD,
+                      size_hint: tuple[int, int] = (0, 0)):
+    """Encoded samples from `feed` (a BatchFeed) → bg (3), fg_bg (3), labels (mask and depth, 2):
+    float CHW in [0, 1], and each sample's ids (epoch, shard, sample) as they came. On the GPU,
     size_hint (width, height of the stored images) lets the hardware decoder allocate once."""
-    raw = _read(plan, source)
+    *raw, ids = fn.external_source(source=feed, num_outputs=len(ROLES) + 1, batch=True, batch_info=True,
+                                   dtype=[types.UINT8] * len(ROLES) + [types.INT64])
     device = "mixed" if gpu else "cpu"
     hw = {"hw_decoder_load": hw_decoder_load, "preallocate_width_hint": size_hint[0],
           "preallocate_height_hint": size_hint[1]} if gpu else {}
     bg, fg_bg, mask, depth = [fn.decoders.image(r, device=device, output_type=types.RGB if i < 2 else types.GRAY, **hw)
                               for i, r in enumerate(raw)]
     images = _resize([bg, fg_bg, fn.cat(mask, depth, axis=2)], res, gpu)  # labels share every op
-    if plan.train:
+    if train:
         images = _geometry(images, aug)
         if aug.color_p > 0 or aug.noise_p > 0 or aug.dropout_p > 0:
             bank = None if gpu or aug.noise_p == 0 else types.Constant(noise_bank(res, aug), layout="HWC")
@@ -167,96 +154,117 @@ def depthseg_pipeline(plan: Plan, res: int, aug: Augment, gpu: bool, hw_decoder_
             second = {**first, "noise_at": fn.random.uniform(range=[0, 1], shape=[2])} if aug.shared else _draws(aug)
             images[0] = _photometric(images[0], first, aug, bank, res)
             images[1] = _photometric(images[1], second, aug, bank, res)
-    return tuple(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
-                 for x in images)
+    return (*(fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
+              for x in images), ids)
 
 
-def stored_size(plan: Plan) -> tuple[int, int]:
+def stored_size(feed: "BatchFeed") -> tuple[int, int]:
     """(width, height) of the first sample's fg_bg, read from its header; (0, 0) if unreadable.
     The four images of a sample share a size, and a set usually has one size throughout."""
     try:
-        with tarfile.open(plan.tars[0]) as tar:
-            member = next(m for m in tar if ".fg_bg." in m.name)
-            with Image.open(tar.extractfile(member)) as img:
-                return img.size
-    except (OSError, StopIteration, tarfile.TarError):
+        epoch = feed.deal.first[0]
+        fg_bg = feed.read(epoch, feed.deal.positions(epoch, 0)[:1])[0][1]
+        with Image.open(io.BytesIO(fg_bg)) as img:
+            return img.size
+    except (OSError, LoaderError):
         return (0, 0)
 
 
-def gone(plan: Plan) -> list[str]:
-    """The plan's tars and indexes that no longer exist. DALI's reader does not name the file it
-    failed on: from S3 a deleted tar is "Failed to flush response stream" midway."""
-    files = plan.tars + plan.indexes
-    if not store.is_remote(files[0]):
-        return [f for f in files if not os.path.exists(f)]
-    try:
-        there = store.sizes(files[0].rsplit("/", 1)[0])
-    except store.StoreError:  # the store itself fails now: the reader's own cause must do
-        return []
-    return [f for f in files if f.rsplit("/", 1)[1] not in there]
-
-
 @contextmanager
-def dali_errors(plan: Plan):
-    """DALI reports a bad image or an unreadable file as a long RuntimeError; give the user one
-    sentence."""
+def dali_errors(shards: str):
+    """DALI reports a bad image as a long RuntimeError; give the user one sentence. (A file that
+    cannot be read is the feed's LoaderError already.)"""
     try:
         yield
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0] if lines else "?"
         cause = cause.lstrip(": ")
-        shards = plan.shards or plan.tars[0].rsplit("/", 1)[0]  # a folder or an s3:// prefix
-        if "readers.webdataset" in str(e) and (missing := gone(plan)):
-            raise LoaderError(f"DALI could not read {missing[0]}, which no longer exists; "
-                              f"run `depthcli verify {shards}`.") from None
-        if any(op in str(e) for op in ("decoders.image", "readers.webdataset")):
-            raise LoaderError(f"DALI could not read or decode a sample of {shards} ({cause[:200]}); "
+        if "decoders.image" in str(e):
+            raise LoaderError(f"DALI could not decode a sample of {shards} ({cause[:200]}); "
                               f"run `depthcli verify --decode {shards}` to find it.") from None
         raise LoaderError(f"the DALI pipeline failed: {cause[:300]}") from None  # e.g. out of GPU memory
 
 
-class DaliLoader:
-    """The batch contract over a DALI pipeline; see pipeline.loaders for the epoch rules. With a
-    `source` (shards streamed through the cache) the pipeline reads from it instead of its reader,
-    and state() also records the source's group_bytes, on which its order depends."""
+class BatchFeed:
+    """external_source's callable: a BatchInfo → this rank's batch of that (epoch, iteration) in
+    pipeline.epoch's order: each role's encoded images, and each sample's (epoch, shard, sample).
+    DALI's epoch e of the loader is the run's epoch deal.first[0] + e. With a `window` (s3://
+    through the cache), a batch waits for its shards to be fetched."""
 
-    def __init__(self, plan: Plan, res: int, aug: Augment, device: str, seed: int, threads: int,
-                 hw_decoder_load: float = HW_DECODER_LOAD, state=None, source=None):
-        self.plan, self.source = plan, source
-        state = state["dali"] if isinstance(state, dict) else state
+    def __init__(self, deal: Deal, reader: SampleReader, window=None):
+        self.deal, self.reader, self.window = deal, reader, window
+
+    def read(self, epoch: int, positions: np.ndarray) -> list[list[bytes]]:
+        if self.window is not None:
+            self.window.wait(epoch, positions)
+        return [self.reader.read(k, i) for k, i in self.deal.order.sequence(epoch)[positions].tolist()]
+
+    def __call__(self, info):
+        epoch = self.deal.first[0] + info.epoch_idx
+        if info.iteration >= self.deal.batches(epoch):
+            raise StopIteration
+        positions = self.deal.positions(epoch, info.iteration)
+        samples = self.read(epoch, positions)
+        rows = self.deal.order.sequence(epoch)[positions]
+        ids = [np.array([epoch, k, i], np.int64) for k, i in rows.tolist()]
+        return (*([np.frombuffer(s[r], np.uint8) for s in samples] for r in range(len(ROLES))), ids)
+
+
+class _Feed:
+    """What DALI's graph holds: its callable stays in reference cycles until some later garbage
+    collection, so it gets only a weak reference, and the loader that owns the feed frees it (and
+    the window's pins) as soon as the loader goes."""
+
+    def __init__(self, feed: BatchFeed):
+        self.ref = weakref.ref(feed)
+
+    def __call__(self, info):
+        feed = self.ref()
+        if feed is None:  # the loader is gone; DALI may still be running ahead
+            raise StopIteration
+        return feed(info)
+
+
+class DaliLoader:
+    """The batch contract over a DALI pipeline fed in pipeline.epoch's order; see
+    pipeline.loaders for the epoch rules. state() is DALI's checkpoint (every random draw, and
+    the feed's epoch and iteration) with the deal's start, which the epochs it counts are from."""
+
+    def __init__(self, deal: Deal, reader: SampleReader, res: int, aug: Augment, device: str, seed: int, threads: int,
+                 hw_decoder_load: float = HW_DECODER_LOAD, state=None, window=None):
+        self.deal, self.plan, self.reader = deal, deal.plan, reader
+        self.feed = BatchFeed(deal, reader, window)
         gpu = device.startswith("cuda")
         device_id = (torch.device(device).index or 0) if gpu else None
-        hints = {"hw_decoder_load": hw_decoder_load, "size_hint": stored_size(plan)} if gpu else {}
-        # Different augmentation per rank; the reader's sharding does not depend on the seed.
-        pipe = depthseg_pipeline(plan, res, aug, gpu, **hints, source=source.feed() if source else None,
-                                 batch_size=plan.batch_size, num_threads=threads, device_id=device_id,
-                                 seed=derive_seed("dali", seed, plan.rank), prefetch_queue_depth=2, enable_checkpointing=plan.train,
-                                 checkpoint=state)
+        hints = {"hw_decoder_load": hw_decoder_load, "size_hint": stored_size(self.feed)} if gpu else {}
+        # Different draws per rank and per start: a resume without its state does not replay the run's first.
+        pipe = depthseg_pipeline(_Feed(self.feed), self.plan.train, res, aug, gpu, **hints,
+                                 batch_size=self.plan.batch_size, num_threads=threads, device_id=device_id,
+                                 seed=derive_seed("dali", seed, self.plan.rank, *deal.first), prefetch_queue_depth=2,
+                                 enable_checkpointing=self.plan.train, checkpoint=state["dali"] if state else None)
         self.device = torch.device(device)
-        # A source ends each epoch itself, with full batches (validation's padded by repeats).
-        policy = LastBatchPolicy.PARTIAL if source else LastBatchPolicy.DROP if plan.train else LastBatchPolicy.FILL
-        with dali_errors(plan):  # the iterator runs the first batches already
-            self.iterator = DALIGenericIterator(pipe, ["bg", "fg_bg", "labels"], reader_name=None if source else READER,
-                                                last_batch_policy=policy, auto_reset=True)
+        with dali_errors(self.plan.shards):  # the iterator runs the first batches already
+            self.iterator = DALIGenericIterator(pipe, ["bg", "fg_bg", "labels", "ids"], last_batch_policy=LastBatchPolicy.PARTIAL,
+                                                auto_reset=True)
 
     def __len__(self) -> int:
         return self.plan.batches
 
-    def state(self):
-        """DALI's checkpoint of the reader's position and of every random draw, after the batches
-        handed out so far; given back as `state`, the loader goes on exactly from there."""
+    def state(self) -> dict | None:
+        """After the batches handed out so far; given back as `state` (with the same deal), the
+        loader goes on exactly from there."""
         if not self.plan.train:
             return None
-        state = self.iterator.checkpoints()[0]
-        return {"dali": state, "group_bytes": self.source.group_bytes} if self.source else state
+        return {"dali": self.iterator.checkpoints()[0], "first": list(self.deal.first)}
 
     def __iter__(self):
-        with dali_errors(self.plan):
+        with dali_errors(self.plan.shards):
             yield from self._batches()
 
     def _batches(self):
         for i, out in enumerate(self.iterator):
-            b = {k: v.to(self.device, non_blocking=True) for k, v in out[0].items()}
-            yield to_contract(b["bg"], b["fg_bg"], b["labels"], self.plan, i)
-
+            b = {k: v.to(self.device, non_blocking=True) for k, v in out[0].items() if k != "ids"}
+            batch = to_contract(b["bg"], b["fg_bg"], b["labels"], self.plan, i)
+            batch["keys"] = [self.reader.key(k, j) for _, k, j in out[0]["ids"].tolist()]
+            yield batch

@@ -1,17 +1,32 @@
-"""What both loaders share, below them both: which samples a rank reads, how many batches an
-epoch has, and the batch contract's dict. pipeline.loaders (build_loader) sits above it and the
-two loaders; see its docstring for the epoch rules.
+"""What both loaders share, below them both: which samples a rank reads, in what order, how many
+batches an epoch has, and the batch contract's dict. pipeline.loaders (build_loader) sits above
+it and the two loaders; see its docstring for the epoch rules.
+
+The training order (Order, Deal) is the same for both loaders and every world size: a function
+of the run's seed and the epoch only, dealt to the ranks a global batch at a time, with the
+position kept in samples (as MosaicML streaming's canonical order), so a run resumes exactly on
+the same ranks and elastically on others:
+
+- the split's shards are permuted (seed, epoch) and cut into groups of consecutive shards of at
+  least GROUP_SAMPLES samples (or at most `group_bytes`, for a cache too small for those);
+- the samples of each group are permuted: a shuffle buffer with a hard bound on the shards it
+  holds, which is what lets a node fetch the groups ahead of its readers;
+- global step k of an epoch that starts at sample `start` trains positions
+  start + k·W·B ... start + (k+1)·W·B, rank r the r-th B of them; the tail of fewer than W·B is
+  left out (DDP never waits on a rank that ran out).
+
+Validation: shard order, rank r its part [N·r/W, N·(r+1)/W), padded with its last sample.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import store
@@ -33,9 +48,11 @@ def check_res(res: int) -> int:
         raise ResolutionError(f"--res must be a multiple of {RES_MULTIPLE} and at least {RES_MIN}, got {res}.")
     return res
 
-# Samples a training reader shuffles among: DALI's initial_fill, the torch loader's buffer, the
-# cap of a streamed group. Small is enough: the packer already shuffled samples across shards.
-SHUFFLE_BUFFER = 1024
+# Samples a training group holds at least: the span of the shuffle. The packer already shuffled
+# samples across shards and the shard order changes every epoch; what the span sets is how often
+# two samples share a batch again the next epoch (with 1,000-sample shards, 4,096 is 4 shards a
+# group: BENCHMARKS.md, "Exact and elastic resume"), against the cache's window (5 groups).
+GROUP_SAMPLES = 4096
 
 
 def derive_seed(purpose: str, seed: int, *keys: int) -> int:
@@ -49,7 +66,7 @@ def derive_seed(purpose: str, seed: int, *keys: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """What one rank reads: the split's shards and where its part of the samples lies."""
+    """A rank's view of a split: its shards, and the rank, world and batch that deal them."""
 
     tars: list[str]
     indexes: list[str]
@@ -65,21 +82,9 @@ class Plan:
 
     @property
     def part(self) -> tuple[int, int]:
-        """[start, end) of this rank's samples in shard order: DALI's own split, floor(N·r/w)."""
+        """[start, end) of this rank's validation samples in shard order, floor(N·r/w)."""
         n, r, w = self.samples, self.rank, self.world_size
         return n * r // w, n * (r + 1) // w
-
-    @property
-    def starts(self) -> list[int]:
-        """Where each shard's samples begin in shard order, one per shard."""
-        return list(itertools.accumulate(self.counts[:-1], initial=0))
-
-    @property
-    def part_shards(self) -> list[int]:
-        """The shards (by position) holding some of this rank's part: what a reader of the part
-        alone opens."""
-        lo, hi = self.part
-        return [k for k, (a, n) in enumerate(zip(self.starts, self.counts)) if a < hi and a + n > lo]
 
     @property
     def largest_part(self) -> int:
@@ -87,8 +92,10 @@ class Plan:
 
     @property
     def batches(self) -> int:
+        """Per rank and epoch, the same on every rank: training, full global batches (the tail
+        left out); validation, the largest part's, padded."""
         if self.train:
-            return self.samples // self.world_size // self.batch_size
+            return self.samples // (self.world_size * self.batch_size)
         return math.ceil(self.largest_part / self.batch_size)
 
 
@@ -103,8 +110,7 @@ def _sizes(shards: str | os.PathLike, names: list[str]) -> dict[str, int]:
 
 
 def plan(shards: str | os.PathLike, split: str, batch_size: int, rank: int, world_size: int, train: bool) -> Plan:
-    """Shards may be a folder or an s3:// prefix: DALI opens s3:// itself, webdataset through
-    pipeline.store."""
+    """Shards may be a folder or an s3:// prefix (read through the node's cache or pipeline.store)."""
     manifest = read_manifest(shards)
     entries = split_shards(manifest, split)
     every = [e[k] for v in manifest["splits"].values() for e in v.get("shards", []) for k in ("tar", "index")]
@@ -116,8 +122,6 @@ def plan(shards: str | os.PathLike, split: str, batch_size: int, rank: int, worl
         if sizes[e["tar"]] != e["bytes"]:
             raise ManifestError(f"{store.join(shards, e['tar'])} has {sizes[e['tar']]} bytes, the manifest says "
                                 f"{e['bytes']}; run `depthcli verify {shards}`.")
-    if store.is_remote(shards):
-        store.use_with_webdataset()
     p = Plan([store.join(shards, e["tar"]) for e in entries], [store.join(shards, e["index"]) for e in entries],
              [e["samples"] for e in entries], sum(e["samples"] for e in entries), rank, world_size, batch_size, train,
              str(shards), tuple({**e, "index_bytes": sizes[e["index"]]} for e in entries), sum(sizes.get(n, 0) for n in every))
@@ -144,3 +148,114 @@ def to_contract(bg: torch.Tensor, fg_bg: torch.Tensor, labels: torch.Tensor, pla
     """Both loaders' tensors (labels = mask and depth, 2 channels) as the batch contract."""
     return {"bg": bg, "fg_bg": fg_bg, "mask": labels[:, 0:1], "depth": labels[:, 1:2],
             "valid": valid_mask(plan, batch_index, len(bg), bg.device)}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Shards read together: their samples in reading order, as (shard, sample within it) rows."""
+
+    shards: tuple[int, ...]  # positions in the plan's shards
+    samples: np.ndarray
+
+
+class Order:
+    """The split's samples in each epoch's order (the module docstring): a function of (seed,
+    epoch) and, for a cache too small for groups of GROUP_SAMPLES, of `group_bytes` (groups of
+    at most that, never fewer than `min_samples`). `sizes`: each shard's bytes."""
+
+    def __init__(self, counts: list[int], seed: int, train: bool, sizes: list[int] | None = None,
+                 group_bytes: int = 0, min_samples: int = 1):
+        self.counts, self.seed, self.train = list(counts), seed, train
+        self.sizes, self.group_bytes, self.min_samples = sizes or [0] * len(counts), group_bytes, min_samples
+        self._epochs: dict[int, tuple[list[Group], np.ndarray, np.ndarray]] = {}
+
+    @property
+    def params(self) -> dict:
+        """What the order depends on besides seed and epoch: a resumed loader must use the same."""
+        return {"group_bytes": self.group_bytes, "min_samples": self.min_samples}
+
+    def groups(self, epoch: int) -> list[Group]:
+        return self._epoch(epoch)[0]
+
+    def sequence(self, epoch: int) -> np.ndarray:
+        """(N, 2): the epoch's samples in order."""
+        return self._epoch(epoch)[1]
+
+    def group_of(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """The group each position of the epoch's sequence lies in."""
+        return np.searchsorted(self._epoch(epoch)[2], positions, side="right")
+
+    def _epoch(self, epoch: int):
+        got = self._epochs.get(epoch)
+        if got is None:  # the reader and its prefetch thread both ask: computing twice is harmless
+            groups = self._make(epoch)
+            got = groups, np.concatenate([g.samples for g in groups]), np.cumsum([len(g.samples) for g in groups])
+            self._epochs = {**{e: v for e, v in self._epochs.items() if e >= epoch - 1}, epoch: got}
+        return got
+
+    def _rows(self, k: int) -> np.ndarray:
+        return np.stack([np.full(self.counts[k], k), np.arange(self.counts[k])], 1)
+
+    def _make(self, epoch: int) -> list[Group]:
+        if not self.train:  # shard order, a group per shard
+            return [Group((k,), self._rows(k)) for k in range(len(self.counts))]
+        rng = np.random.default_rng(derive_seed("order", self.seed, epoch))
+        cuts, cur, n, size = [], [], 0, 0
+        for k in rng.permutation(len(self.counts)).tolist():
+            full = n >= GROUP_SAMPLES or (self.group_bytes and size + self.sizes[k] > self.group_bytes)
+            if cur and full and n >= self.min_samples:
+                cuts.append(cur)
+                cur, n, size = [], 0, 0
+            cur, n, size = cur + [k], n + self.counts[k], size + self.sizes[k]
+        if cuts and not self.group_bytes and n < GROUP_SAMPLES // 2:  # no small last group when bytes allow
+            cur = cuts.pop() + cur
+        cuts.append(cur)
+        groups = []
+        for shards in cuts:
+            rows = np.concatenate([self._rows(k) for k in shards])
+            groups.append(Group(tuple(shards), rows[rng.permutation(len(rows))]))
+        return groups
+
+
+class Deal:
+    """What rank plan.rank reads of each epoch's order, batch by batch (the module docstring).
+    `first` = (epoch, samples of it already trained): where a resumed loader starts; later
+    epochs start at 0."""
+
+    def __init__(self, plan: Plan, order: Order, first: tuple[int, int] = (0, 0)):
+        self.plan, self.order, self.first = plan, order, (int(first[0]), int(first[1]))
+
+    @property
+    def global_batch(self) -> int:
+        return self.plan.batch_size * self.plan.world_size
+
+    def start(self, epoch: int) -> int:
+        return self.first[1] if self.plan.train and epoch == self.first[0] else 0
+
+    def batches(self, epoch: int) -> int:
+        """This rank's batches in `epoch`: the same on every rank."""
+        return self.left(self.start(epoch)) if self.plan.train else self.plan.batches
+
+    def left(self, samples: int) -> int:
+        """Global batches an epoch has left after `samples` of it (fewer than one global batch
+        of it are never trained)."""
+        return (self.plan.samples - samples) // self.global_batch
+
+    def positions(self, epoch: int, i: int) -> np.ndarray:
+        """The positions in the epoch's sequence of this rank's batch i."""
+        b = self.plan.batch_size
+        if self.plan.train:
+            first = self.start(epoch) + (i * self.plan.world_size + self.plan.rank) * b
+            return np.arange(first, first + b)
+        lo, hi = self.plan.part
+        return np.minimum(lo + i * b + np.arange(b), hi - 1)  # padded with the part's last sample
+
+    def samples(self, epoch: int, i: int) -> np.ndarray:
+        """(B, 2): shard and sample within it of this rank's batch i."""
+        return self.order.sequence(epoch)[self.positions(epoch, i)]
+
+
+def order_for(plan: Plan, seed: int, params: dict | None = None) -> Order:
+    """The plan's order; `params`: a saved Order.params, for a resumed run."""
+    sizes = [e["bytes"] + e.get("index_bytes", 0) for e in plan.entries] if plan.entries else None
+    return Order(plan.counts, seed, plan.train, sizes, **(params or {}))

@@ -6,9 +6,9 @@
 
 The endpoint, region and credentials come from the standard AWS settings, as for every AWS tool:
 AWS_ENDPOINT_URL (for a store other than AWS), AWS_REGION or AWS_DEFAULT_REGION,
-AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws. DALI's reader opens the tars and indexes
-itself with the same settings; boto3 does the rest (the manifest, sizes, streams for `verify` and
-for the torch loader's webdataset, uploads), with bounded timeouts and retries so a store that
+AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws. boto3 does every access (the manifest,
+sizes, the cache's downloads, streams for `verify`, the loaders' ranged reads with the cache
+off, uploads), with bounded timeouts and retries so a store that
 does not answer is one sentence and not a hang.
 """
 
@@ -129,6 +129,13 @@ def read_bytes(url: str) -> bytes:
         return client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def read_range(url: str, start: int, size: int) -> bytes:
+    """Bytes [start, start + size) of the object: one ranged GET."""
+    bucket, key = split(url)
+    with errors(url):
+        return client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + size - 1}")["Body"].read()
+
+
 def open_stream(url: str, *_, **__):
     """A file-like object that streams the object (read() only), for tarfile's stream mode."""
     bucket, key = split(url)
@@ -189,11 +196,3 @@ def upload(folder: Path, prefix: str, names: list[str], manifest: str, progress)
             client().upload_file(str(folder / name), *_key(prefix, name), Callback=progress)
             sent += (folder / name).stat().st_size
     return sent
-
-
-def use_with_webdataset() -> None:
-    """Let webdataset (the torch loader) open s3:// URLs as boto3 streams, through its table of
-    URL openers; DataLoader workers inherit it."""
-    from webdataset.gopen import gopen_schemes
-
-    gopen_schemes["s3"] = open_stream

@@ -7,17 +7,17 @@ on local disk, in one run: the goals of the node-local shard cache (issue 17) as
 moto's standalone server in its own process on 127.0.0.1 (scripts/s3_server.py), `depthcli
 upload`, then per round, configurations interleaved, pipeline.bench.bench_loader (what `depthcli
 bench` runs: samples/s over --batches after 2 warm-up batches, full augmentation), with the wall
-time of the loader's build and those batches (for a cold cache, the downloads are in the build)
+time of the loader's build and those batches (for a cold cache, the downloads are in it: with
+--batches one epoch, `wall s` is a cold first epoch against the disk's)
 and the shard GETs that moto's request log counts:
 
     dali disk              the baseline
-    dali s3 cold           a fresh cache that the set fits: fetched whole, then DALI reads files
+    dali s3 cold           a fresh cache that the set fits: groups of shards fetched ahead of the reader
     dali s3 warm           the same cache again (a second epoch, or run): no GETs
-    dali s3 quarter        a budget of a quarter of the rank's part: streamed through the cache
-                           (pipeline.stream); the cache's size sampled every 5 ms, peak vs budget
-    torch disk / s3 cold / s3 warm / s3 off (--cache-dir off: each shard streamed with one GET,
-                           as before the cache)
-    dali s3 off            optional (--uncached-batches N): DALI reading s3:// itself
+    dali s3 quarter        a budget of a quarter of the set: groups cut to fit it (pipeline.stream);
+                           the cache's size sampled every 5 ms, peak vs budget
+    torch disk / s3 cold / s3 warm / s3 off (--cache-dir off: a ranged GET a sample)
+    dali s3 off            optional (--uncached-batches N): DALI with the cache off
 
 Then, with --train-steps, train/main.py under torchrun (2 ranks sharing the node's cache) from
 disk and from s3:// with a cold cache, interleaved over --train-rounds: samples/s after the

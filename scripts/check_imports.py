@@ -4,8 +4,8 @@ pipeline/ imports train/, lazily or not)? One sentence either way.
     python scripts/check_imports.py          # exit 0: all import; 1: the sentence names the missing
 
 The list: every absolute import in pipeline/ and train/ (found with ast, so new dependencies are
-checked too) that is neither the standard library nor the project, plus what DALI and webdataset
-import on first use (their own requirements, which a --no-deps install would leave out), plus
+checked too) that is neither the standard library nor the project, plus what DALI imports on
+first use (their own requirements, which a --no-deps install would leave out), plus
 pytest: scripts/gpu_check.sh --stage tests runs the suite, and the offline bundle brings it.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ("pipeline", "train")
-# DALI 2.x (its conditionals and Python operators) and webdataset at import time.
-RUNTIME_NEEDS = ["six", "packaging", "gast", "astunparse", "optree", "nvtx", "makefun", "libcst", "yaml", "braceexpand"]
+# DALI 2.x (its conditionals and Python operators) at import time.
+RUNTIME_NEEDS = ["six", "packaging", "gast", "astunparse", "optree", "nvtx", "makefun", "libcst"]
 TEST_NEEDS = ["pytest"]
 
 

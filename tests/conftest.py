@@ -111,6 +111,22 @@ def exact_shards(tmp_path_factory) -> Path:
     return out
 
 
+def dealt_keys(shards: Path, batch: int, seed: int, world: int, epoch: int, first: tuple[int, int] = (0, 0)):
+    """keys[i][rank]: what each rank trains on at step i of `epoch` in the order pipeline.epoch deals."""
+    from pipeline.epoch import Deal, order_for, plan
+    from pipeline.reader import SampleReader
+
+    deals = [Deal(p, order_for(p, seed), first) for p in (plan(shards, "train", batch, r, world, True) for r in range(world))]
+    reader = SampleReader(deals[0].plan.tars, deals[0].plan.indexes, str(shards))
+    return [[[reader.key(k, j) for k, j in d.samples(epoch, i).tolist()] for d in deals] for i in range(deals[0].batches(epoch))]
+
+
+def read_trace(path: Path) -> dict[tuple[int, int], dict]:
+    """--trace-samples' lines by (step, rank); a step trained again after a kill -9 counts as its last line."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return {(t["step"], t["rank"]): t for t in lines}
+
+
 def child_pids(pid: int) -> list[int]:
     """The worker processes torchrun started (scripts/bench_train.py's walk of /proc)."""
     return _bench_train().children(pid)

@@ -7,7 +7,6 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from webdataset.gopen import gopen_schemes
 
 from pipeline import store
 from train.cli import main as cli
@@ -40,7 +39,7 @@ def test_baseline_figures_stand_beside_the_models_in_the_last_line(ckpt, exact_s
 @pytest.mark.parametrize("cache", ["off", "on"])
 def test_a_failing_store_under_the_torch_loaders_workers_is_one_sentence(ckpt, exact_shards, monkeypatch, tmp_path, cache):
     """s3:// shards whose manifest and listing are served from exact_shards but whose tars cannot
-    be opened: streamed (cache off, as for a set too large for the cache), the StoreError raised
+    be read: with the cache off (a ranged GET a sample), the StoreError raised
     in a DataLoader worker (forked, so it has these patches) reaches the user as its one
     sentence, without the worker's traceback; through the cache, the fetch's does."""
     says = "the object store at http://127.0.0.1:9 does not answer; check AWS_ENDPOINT_URL."
@@ -50,9 +49,8 @@ def test_a_failing_store_under_the_torch_loaders_workers_is_one_sentence(ckpt, e
 
     monkeypatch.setattr(store, "read_bytes", lambda url: (exact_shards / url.rsplit("/", 1)[1]).read_bytes())
     monkeypatch.setattr(store, "sizes", lambda prefix: {p.name: p.stat().st_size for p in exact_shards.iterdir()})
-    monkeypatch.setattr(store, "open_stream", unreachable)
+    monkeypatch.setattr(store, "read_range", unreachable)
     monkeypatch.setattr(store, "download", unreachable)
-    monkeypatch.setitem(gopen_schemes, "s3", gopen_schemes.get("s3"))  # restored after: plan() registers ours
     r = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(ckpt), "--shards", "s3://depthseg/exact",
                                  "--loader", "torch", "--batch-size", "8",
                                  "--cache-dir", "off" if cache == "off" else str(tmp_path)])

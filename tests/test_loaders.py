@@ -61,7 +61,8 @@ def test_batch_contract(exact_shards, loader, split):
     it, got = batches(exact_shards, loader, split=split)
     assert len(got) == 4  # 39 // 8 train batches; ceil(25 / 8) val batches
     for b in got:
-        assert set(b) == {"bg", "fg_bg", "mask", "depth", "valid"}
+        assert set(b) == {"bg", "fg_bg", "mask", "depth", "valid", "keys"}
+        assert len(b["keys"]) == 8 and all(isinstance(k, str) and "." not in k for k in b["keys"])
         assert b["bg"].shape == b["fg_bg"].shape == (8, 3, RES, RES)
         assert b["mask"].shape == b["depth"].shape == (8, 1, RES, RES)
         for k in ("bg", "fg_bg", "mask", "depth"):

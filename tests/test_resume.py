@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import child_pids, run_script
+from conftest import child_pids, dealt_keys, read_trace, run_script
 from pipeline.augment import Augment
 from pipeline.loaders import build_loader
 from train.main import main as train_main
@@ -117,12 +117,14 @@ def test_trainer_resumed_mid_epoch_sees_the_same_batches(exact_shards, tmp_path)
 
 def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(exact_shards, tmp_path):
     """2 ranks × batch 4: 4 steps an epoch, 12 planned. One worker is SIGKILLed after the
-    checkpoint of step 2; torchrun restarts the group once and --resume auto continues."""
+    checkpoint of step 2; torchrun restarts the group once and --resume auto continues: the trace
+    of the samples trained on (each step's last) is the dealt order's, step by step and rank by rank."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
            "--monitor-interval", "0.2", str(ROOT / "train" / "main.py"), "--shards", str(exact_shards), "--out", str(out),
            "--device", "cpu", "--res", "32", "--batch-size", "4", "--epochs", "3", "--workers", "1", "--log-every", "1",
-           "--ckpt-every", "2", "--resume", "auto", "--no-augment", "--vis-samples", "0"]
+           "--ckpt-every", "2", "--resume", "auto", "--no-augment", "--vis-samples", "0",
+           "--trace-samples", str(tmp_path / "trace")]
     # The workers' own store, not the agent's: with the shared one a restarted worker can read
     # its peer's address of the previous attempt (pytorch/pytorch#135712; seen here too).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -147,6 +149,9 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(exact_shards, tmp
     assert (ckpt["step"], ckpt["epoch"]) == (12, 3)  # the planned steps
     steps = [r["step"] for r in records(out, "train")]
     assert steps[-1] == 12 and sorted(set(steps)) == list(range(1, 13))
+    lines = read_trace(tmp_path / "trace")
+    want = [step for epoch in range(3) for step in dealt_keys(exact_shards, 4, 0, 2, epoch)]
+    assert len(lines) == 24 and all(lines[(i + 1, r)]["keys"] == keys for i, step in enumerate(want) for r, keys in enumerate(step))
 
 
 def test_progressive_stages_keep_each_best_and_resume_inside_a_stage_exactly(exact_shards, tmp_path, capsys):
@@ -209,7 +214,7 @@ def test_a_resume_with_another_batch_goes_on_in_samples(exact_shards, tmp_path, 
     capsys.readouterr()
     assert train_main(args + ["--out", str(out), "--batch-size", "16", "--max-steps", "3", "--resume"]) == 0
     said = capsys.readouterr().out
-    assert "(batch 8 -> 16): its data order is drawn anew" in said and "epoch 1, step 1 of it" in said
+    assert "(batch 8 -> 16): its random draws are drawn anew" in said and "epoch 1, step 1 of it" in said
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"], ckpt["batch"]) == (3, 1, 0, 16)
     assert ckpt["scheduler"]["last_epoch"] == 2  # 2 steps of 8 = 1 of 16, then one more
@@ -227,7 +232,7 @@ def test_a_loader_state_from_another_graph_is_left_with_one_line(exact_shards, t
     torch.save(ckpt, out / "last.pt")
     capsys.readouterr()
     assert train_main(args + ["--max-steps", "4", "--resume"]) == 0
-    assert "the loader's saved state fits another graph (device cuda -> cpu): its data order is drawn anew" in capsys.readouterr().out
+    assert "the loader's saved state fits another graph (device cuda -> cpu): its random draws are drawn anew" in capsys.readouterr().out
     assert records(out, "resume")[-1]["exact"] is False and torch.load(out / "last.pt", weights_only=True)["step"] == 4
 
 
@@ -245,4 +250,23 @@ def test_a_loader_state_dali_cannot_restore_is_left_with_one_line(exact_shards, 
     assert train_main(args + ["--max-steps", "4", "--resume"]) == 0
     said = capsys.readouterr().out
     assert "the loader's saved state could not be restored (the DALI pipeline failed:" in said
-    assert "its data order is drawn anew" in said and torch.load(out / "last.pt", weights_only=True)["step"] == 4
+    assert "its random draws are drawn anew" in said and torch.load(out / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_a_checkpoint_from_before_the_dealt_order_resumes_with_one_line(exact_shards, tmp_path, capsys):
+    """A checkpoint as the commit before this order saved it (steps into the epoch, no sample
+    count, a DALI state of its reader's graph) resumes on the same ranks at the same sample count
+    in the new order, said in one line."""
+    out, args = tmp_path / "r", ["--shards", str(exact_shards), *CPU_RUN, "--batch-size", "8", "--out", str(tmp_path / "r")]
+    assert train_main(args + ["--max-steps", "2"]) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    for key in ("epoch_samples", "order"):
+        del ckpt[key]
+    del ckpt["loader_graph"]["order"]
+    ckpt["loader_states"] = [state["dali"] for state in ckpt["loader_states"]]  # the bare DALI checkpoint it was
+    torch.save(ckpt, out / "last.pt")
+    capsys.readouterr()
+    assert train_main(args + ["--max-steps", "4", "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "epoch 1, step 2 of it), at sample 16 of the epoch's order; the checkpoint predates the dealt order" in said
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]

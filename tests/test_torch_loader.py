@@ -20,7 +20,8 @@ import test_loaders as common  # a module import, so pytest does not collect its
 from pipeline.augment import Augment
 from pipeline.epoch import plan
 from pipeline.loaders import build_loader
-from pipeline.manifest import LoaderError
+from pipeline.manifest import ROLES, LoaderError
+from pipeline.reader import SampleReader
 from conftest import run_script
 
 
@@ -130,21 +131,25 @@ def test_device_path_never_reads_the_device(aug):
     assert mode.seen == []
 
 
-def _public(sample: dict) -> dict:
-    return {k: v for k, v in sample.items() if not k.startswith("__") or k in ("__key__", "__url__")}
+def _as_webdataset(reader: SampleReader, shards: range) -> list[dict]:
+    """The reader's samples as webdataset's sample dicts (PNG images)."""
+    return [{"__key__": reader.key(k, i), **{f"{r}.png": data for r, data in zip(ROLES, reader.read(k, i))}}
+            for k in shards for i in range(len(reader.members(k)))]
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_indexed_reading_gives_webdatasets_samples(exact_shards, rank):
-    """Members read at the index's offsets: the samples webdataset's own tar reading gives, key
-    and bytes, and of those only the rank's part."""
+def _images(sample: dict) -> dict:
+    return {k: v for k, v in sample.items() if k == "__key__" or k.split(".")[0] in ROLES}
+
+
+def test_reading_at_index_offsets_gives_webdatasets_samples(exact_shards):
+    """A sample read in one piece at the index's offsets: the key and bytes webdataset's own tar
+    reading gives."""
     import webdataset as wds
 
-    p = plan(exact_shards, "val", 4, rank, 2, train=False)
-    ours = [s for tar in p.tars for s in tl.IndexedSamples(p).shard(tar)]
-    theirs = [_public(s) for s in wds.WebDataset(p.tars, shardshuffle=False, empty_check=False)]
-    lo, hi = p.part
-    assert len(ours) == hi - lo and ours == theirs[lo:hi]
+    p = plan(exact_shards, "val", 4, 0, 1, train=False)
+    ours = _as_webdataset(SampleReader(p.tars, p.indexes, str(exact_shards)), range(len(p.tars)))
+    theirs = [_images(s) for s in wds.WebDataset(p.tars, shardshuffle=False, empty_check=False)]
+    assert len(ours) == p.samples and ours == theirs
 
 
 def _copy(exact_shards, tmp_path) -> Path:
@@ -172,13 +177,14 @@ def test_a_missing_damaged_index_or_a_tar_cut_short_is_one_sentence(exact_shards
     assert str(e.value) == f"could not read {shards}/val-000001.idx (No such file or directory); run `depthcli verify {shards}`."
     idx = shards / "val-000000.idx"
     idx.write_text(idx.read_text().replace("v1.2", "v1.1"))
+    reader = SampleReader(p.tars, p.indexes, str(shards))
     with pytest.raises(LoaderError) as e:
-        list(tl.IndexedSamples(p).shard(str(shards / "val-000000.tar")))
+        reader.members(0)
     assert str(e.value) == f"could not read {idx} (val-000000.idx is not a v1.2 index of 8 samples); run `depthcli verify {shards}`."
     tar = shards / "val-000002.tar"
     tar.write_bytes(tar.read_bytes()[:tar.stat().st_size // 2])
     with pytest.raises(LoaderError, match=rf"could not read {tar} \(it ends inside \S+\); run `depthcli verify {shards}`\.$"):
-        list(tl.IndexedSamples(p).shard(str(tar)))
+        [reader.read(2, i) for i in range(len(reader.members(2)))]
 
 
 def test_kept_bg_decodes_survive_augmentation(exact_shards):
@@ -186,14 +192,16 @@ def test_kept_bg_decodes_survive_augmentation(exact_shards):
     after augmenting every sample the kept copies are still what a fresh decode gives."""
     tl.decode_bg.cache_clear()
     p = plan(exact_shards, "train", 4, 0, 1, train=True)
-    samples = [s for tar in p.tars for s in tl.IndexedSamples(p).shard(tar)]
+    reader = SampleReader(p.tars, p.indexes, str(exact_shards))
+    items = [(e, k, i) for e in range(3) for k in range(len(p.tars)) for i in range(p.counts[k])]
     for aug in (Augment(), Augment().only("color", "noise", "dropout")):
-        stage = tl.SampleStage(aug, 32, 0, floats=True)
-        for s in samples * 3:
-            stage(s)
+        samples = tl.Samples(reader, aug, 32, 0, floats=True)
+        for item in items:
+            samples[item]
     assert tl.decode_bg.cache_info().currsize == 4  # the set's four backgrounds
-    for s in samples:
-        assert np.array_equal(tl.decode_bg(s["bg.png"], 32), tl.decode_image(s["bg.png"], False, 32))
+    for _, k, i in items:
+        bg = reader.read(k, i)[0]
+        assert np.array_equal(tl.decode_bg(bg, 32), tl.decode_image(bg, False, 32))
 
 
 def test_workers_start_after_the_parent_used_opencvs_threads(exact_shards):
@@ -216,7 +224,6 @@ def test_indexed_reading_of_long_and_non_ascii_names(tmp_path):
     """A name over 100 bytes gets a GNU long-name header of its own: still read, as webdataset reads it."""
     import webdataset as wds
 
-    from pipeline.epoch import Plan
     from pipeline.tar_index import IDX_VERSION, index_line
     from pipeline.shard import _TarWriter
 
@@ -224,13 +231,12 @@ def test_indexed_reading_of_long_and_non_ascii_names(tmp_path):
     tar, idx = tmp_path / "t.tar", tmp_path / "t.idx"
     with tar.open("wb") as f:
         w = _TarWriter(f)
-        lines = [index_line([w.add(f"{k}.{ext}", f"{k}:{ext}".encode() * 3) for ext in ("bg.jpg", "json")]) for k in keys]
+        lines = [index_line([w.add(f"{k}.{r}.png", f"{k}:{r}".encode() * 3) for r in (*ROLES, "json")]) for k in keys]
         w.close()
     idx.write_text(f"{IDX_VERSION} {len(keys)}\n" + "".join(line + "\n" for line in lines))
-    p = Plan([str(tar)], [str(idx)], [len(keys)], len(keys), 0, 1, 1, False)
-    ours = list(tl.IndexedSamples(p).shard(str(tar)))
+    ours = _as_webdataset(SampleReader([str(tar)], [str(idx)], str(tmp_path)), range(1))
     assert [s["__key__"] for s in ours] == keys
-    assert ours == [_public(s) for s in wds.WebDataset([str(tar)], shardshuffle=False, empty_check=False)]
+    assert ours == [_images(s) for s in wds.WebDataset([str(tar)], shardshuffle=False, empty_check=False)]
 
 
 DROPPED_DALI = """
@@ -238,11 +244,11 @@ import gc, sys
 import pipeline.torch_loader as tl
 from pipeline.loaders import build_loader
 
-setup = tl.SampleStage._setup
-def collecting_setup(self):  # a worker's collector runs (allocations trigger it; here for sure)
+getitem = tl.Samples.__getitem__
+def collecting_getitem(self, item):  # a worker's collector runs (allocations trigger it; here for sure)
     gc.collect()
-    return setup(self)
-tl.SampleStage._setup = collecting_setup
+    return getitem(self, item)
+tl.Samples.__getitem__ = collecting_getitem
 
 gc.disable()  # the parent does not get round to it: the dropped pipeline is garbage at the fork
 kw = {"split": "train", "res": 32, "batch_size": 4, "workers": 1}

@@ -29,7 +29,7 @@ from pipeline.workers import cpu_share
 from train import checkpoint, precision
 from train.dist import DistContext, barrier, cleanup, print0, setup
 from train.loop import NonFiniteLoss, StopRequest, train_one_epoch, validate
-from train.run import Run, saved_loader_state
+from train.run import Run, resume_position, saved_loader_state
 from train.settings import Stage, TrainingError, TrainSettings, get_args_parser, settings_from  # noqa: F401 (re-exported)
 
 
@@ -69,25 +69,25 @@ def first_stage(resumed: dict | None, stages: list[Stage]) -> tuple[int, int]:
     return first, resumed["step"]
 
 
-def loaders(s: TrainSettings, ctx: DistContext, stage: Stage, state, step: int):
-    """(train loader, validation loader, whether the train loader goes on from `state`). A
-    loader restored from its own checkpoint (DALI) goes on exactly; any other is seeded by the
-    run's step too, so a resumed run does not replay the data order of its start."""
+def loaders(s: TrainSettings, ctx: DistContext, stage: Stage, resumed: dict | None, state):
+    """(train loader, validation loader, whether the train loader goes on from `state`). Both
+    loaders start at the checkpoint's position in samples, in the run's order (any ranks); a
+    DALI state saved on the same ranks brings its random draws too."""
     workers = s.workers or cpu_share()
-    aug = s.augmentation()
     common = {"res": stage.res, "batch_size": stage.batch, "loader": s.loader, "device": str(ctx.device),
               "rank": ctx.rank, "world_size": ctx.world_size, "workers": workers, "cache_dir": s.cache_dir, "cache_limit": s.cache_limit}
     if s.loader == "dali" and s.hw_decoder_load >= 0:
         common["hw_decoder_load"] = s.hw_decoder_load
     exact = state is not None
+    start = tuple(state["first"]) if exact else resume_position(resumed)
     try:
-        train = build_loader(s.shards, split="train", augment=aug, seed=s.seed if exact else s.seed + step,
-                             **({"state": state} if exact else {}), **common)
-    except LoaderError as e:  # a state DALI cannot restore into this graph: go on, reseeded
+        train = build_loader(s.shards, split="train", augment=s.augmentation(), seed=s.seed, start=start,
+                             order=(resumed or {}).get("order"), **({"state": state} if exact else {}), **common)
+    except LoaderError as e:  # a state DALI cannot restore into this graph: go on, its draws anew
         if not exact:
             raise
-        print0(ctx, f"the loader's saved state could not be restored ({e}); its data order is drawn anew")
-        return loaders(s, ctx, stage, None, step)
+        print0(ctx, f"the loader's saved state could not be restored ({e}); its random draws are drawn anew")
+        return loaders(s, ctx, stage, resumed, None)
     # Validation decodes and resizes only, between epochs: a few threads, not a second set of all cores.
     val = build_loader(s.shards, split="val", seed=s.seed, **{**common, "workers": max(1, workers // 4)})
     return train, val, exact
@@ -134,7 +134,7 @@ def train_stage(s: TrainSettings, ctx: DistContext, stages: list[Stage], stage: 
     --max-steps, a non-finite loss), else None."""
     chosen = precision.choose(ctx.device, s.precision, s.channels_last, precision.Probe(s.model, stage.res, stage.batch))
     state, dropped = saved_loader_state(resumed, s, ctx, stage)
-    train_loader, val_loader, exact = loaders(s, ctx, stage, state, resumed["step"] if resumed else step)
+    train_loader, val_loader, exact = loaders(s, ctx, stage, resumed, state)
     run = Run(s, stage, ctx, chosen, train_loader)
     if resumed is not None:
         run.restore(resumed, exact)
@@ -150,8 +150,7 @@ def train_stage(s: TrainSettings, ctx: DistContext, stages: list[Stage], stage: 
                   f"{len(train_loader)} steps per epoch, loader {s.loader}")
     try:
         while run.epoch < stage.epoch_count:
-            outcome = train_one_epoch(run, model, train_loader, writer, stop, exact)
-            exact = False
+            outcome = train_one_epoch(run, model, train_loader, writer, stop)
             if outcome != "done":
                 print0(ctx, f"{'SIGTERM' if outcome == 'stopped' else '--max-steps'}: saved {run.out / 'last.pt'} at step {run.step}")
                 return run, 0
@@ -171,9 +170,13 @@ def say_resumed(run: Run, exact: bool, dropped: str, writer) -> None:
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     print0(run.ctx, f"resuming {run.out / 'last.pt'} at step {run.step} ({run.stage.res}px, epoch {run.epoch + 1}, "
                     f"step {run.epoch_step} of it)" + (f", torchrun restart {restart}" if restart else "")
-                    + (", the loader exactly where it was" if exact else "")
-                    + (f"; {dropped}: its data order is drawn anew" if dropped else ""))
-    run.log({"kind": "resume", "from_step": run.resumed_from, "exact": exact, "restart": restart}, writer)
+                    + f", at sample {run.epoch_samples} of the epoch's order"
+                    + (", the loader's random draws as they were" if exact else "")
+                    + (f"; {dropped}" if dropped else ""))
+    # exact: the samples, batches and draws of the uninterrupted run (the same ranks; DALI with its state).
+    same = (run.ctx.world_size, run.stage.batch) == (run.resumed_world[0], run.resumed_world[1])
+    run.log({"kind": "resume", "from_step": run.resumed_from, "exact": same and (exact or run.s.loader == "torch"),
+             "world_size_before": run.resumed_world[0], "restart": restart}, writer)
 
 
 def fail(e: Exception, rank: int, world: int) -> int:

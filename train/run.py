@@ -54,8 +54,9 @@ def peak_lr(s: TrainSettings, global_batch: int, lr: float | None = None) -> flo
 
 class Run:
     """The state of one stage that a checkpoint holds, and the objects that act on it. `step` counts
-    optimizer steps over the whole run (all stages), `epoch` and `epoch_step` within the stage.
-    Only its own methods change it."""
+    optimizer steps over the whole run (all stages), `epoch` and `epoch_step` within the stage,
+    `epoch_samples` the samples of the epoch trained over all ranks (the loader's position, which
+    a resume on other ranks goes on from). Only its own methods change it."""
 
     def __init__(self, s: TrainSettings, stage: Stage, ctx: DistContext, chosen: precision.Precision, train_loader):
         self.s, self.stage, self.ctx, self.precision, self.train_loader = s, stage, ctx, chosen, train_loader
@@ -78,7 +79,7 @@ class Run:
         # count) goes into checkpoints.
         self.steps_per_epoch = len(train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        self.step, self.epoch, self.epoch_step = 0, 0, 0
+        self.step, self.epoch, self.epoch_step, self.epoch_samples = 0, 0, 0, 0
         self.best_loss, self.metrics, self.last_saved = math.inf, {}, 0
         self.out = Path(s.out)
         self.resumed_from = None
@@ -114,6 +115,7 @@ class Run:
         if self.ema:
             self.ema.update(self.raw)
         self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
+        self.epoch_samples += self.stage.batch * self.ctx.world_size
 
     def validated(self, metrics: dict) -> None:
         self.metrics = metrics
@@ -121,7 +123,7 @@ class Run:
     def end_epoch(self) -> None:
         """After an epoch and its validation: last.pt, and best.pt (with a stage's best) when the
         validation loss improved. Collective."""
-        self.epoch, self.epoch_step = self.epoch + 1, 0
+        self.epoch, self.epoch_step, self.epoch_samples = self.epoch + 1, 0, 0
         improved = self.metrics["loss"] < self.best_loss
         self.best_loss = min(self.best_loss, self.metrics["loss"])
         self.save()
@@ -143,9 +145,9 @@ class Run:
         return {"model": self.s.model, "model_args": {"dropout": self.s.dropout}, "res": self.stage.res, **live,
                 "stage": self.stage.index, "state_dict": self.scored.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
-                "epoch_step": self.epoch_step, "best_loss": self.best_loss, "metrics": self.metrics,
+                "epoch_step": self.epoch_step, "epoch_samples": self.epoch_samples, "best_loss": self.best_loss, "metrics": self.metrics,
                 "settings": asdict(self.s), "world_size": self.ctx.world_size, "batch": self.stage.batch,
-                "loader_graph": loader_graph(self.s, self.ctx, self.stage)}
+                "loader_graph": loader_graph(self.s, self.ctx, self.stage), "order": order_params(self.train_loader)}
 
     def save(self) -> None:
         """last.pt. Collective: every rank's RNG states (CPU, and the GPU's: dropout) go in, rank 0 writes."""
@@ -170,10 +172,15 @@ class Run:
             self.ema.updates = ckpt["ema_updates"]
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step, self.epoch, self.epoch_step = ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]
+        self.step, self.epoch = ckpt["step"], ckpt["epoch"]
         self.best_loss, self.metrics, self.last_saved = ckpt["best_loss"], ckpt["metrics"], ckpt["step"]
         self.resumed_from = self.step
-        self._keep_position_in_samples(ckpt.get("batch", self.stage.batch) * ckpt.get("world_size", self.ctx.world_size))
+        self.resumed_world = (ckpt.get("world_size", self.ctx.world_size), ckpt.get("batch", self.stage.batch))
+        self.epoch_samples = resume_position(ckpt)[1]
+        # The loader goes on at that sample: the steps it has left end the epoch, whatever the batch.
+        deal = getattr(self.train_loader, "deal", None)
+        self.epoch_step = self.steps_per_epoch - deal.left(self.epoch_samples) if deal else ckpt["epoch_step"]
+        self._keep_schedule_in_samples(ckpt.get("batch", self.stage.batch) * ckpt.get("world_size", self.ctx.world_size))
         if len(ckpt.get("rng", [])) == self.ctx.world_size:  # else a new world: new draws
             mine = ckpt["rng"][self.ctx.rank]
             torch.set_rng_state(mine["cpu"])
@@ -183,14 +190,13 @@ class Run:
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * self.lr_factor(self.scheduler.last_epoch)
 
-    def _keep_position_in_samples(self, saved_global_batch: int) -> None:
+    def _keep_schedule_in_samples(self, saved_global_batch: int) -> None:
         """A resume with another global batch (another --batch-size or device default, other
-        ranks) goes on from the same number of samples into the epoch and into the stage's
-        schedule, at the learning rate of the new batch."""
+        ranks) goes on from the same number of samples into the stage's schedule, at the
+        learning rate of the new batch."""
         now = self.stage.batch * self.ctx.world_size
         if saved_global_batch == now:
             return
-        self.epoch_step = self.epoch_step * saved_global_batch // now
         self.scheduler.last_epoch = round(self.scheduler.last_epoch * saved_global_batch / now)
         peak = peak_lr(self.s, now, self.stage.lr)
         self.scheduler.base_lrs = [peak for _ in self.optimizer.param_groups]
@@ -209,21 +215,48 @@ class Run:
                 writer.add_scalar(f"{record['kind']}/{k}", v, self.step)
 
 
+# The loaders' reading order (pipeline.epoch); a DALI state saved under another is not restored.
+ORDER = "deal/1"
+
+
 def loader_graph(s: TrainSettings, ctx: DistContext, stage: Stage) -> dict:
     """What a saved loader state fits: DALI's graph differs on a GPU (no noise bank, a resize on
-    the device), and its reader's position is per rank in batches."""
+    the device), and its random draws are per rank and batch."""
     return {"loader": s.loader, "device": ctx.device.type, "res": stage.res, "batch": stage.batch,
-            "world_size": ctx.world_size}
+            "world_size": ctx.world_size, "order": ORDER}
+
+
+def order_params(loader) -> dict | None:
+    """What the loader's order depends on besides seed and epoch (pipeline.epoch.Order.params)."""
+    deal = getattr(loader, "deal", None)
+    return deal.order.params if deal else None
+
+
+def resume_position(ckpt: dict | None) -> tuple[int, int]:
+    """(epoch, samples of it trained over all ranks) where a checkpoint's stage goes on. Older
+    checkpoints count steps only: steps × their global batch."""
+    if ckpt is None:
+        return 0, 0
+    samples = ckpt.get("epoch_samples")
+    if samples is None:
+        batch = ckpt.get("batch") or ckpt.get("settings", {}).get("batch_size") or 0
+        samples = ckpt["epoch_step"] * batch * ckpt.get("world_size", 1)
+    return ckpt["epoch"], samples
 
 
 def saved_loader_state(ckpt: dict | None, s: TrainSettings, ctx: DistContext, stage: Stage) -> tuple[object, str]:
-    """(this rank's saved train-loader state, or None; why a saved one does not fit, or "")."""
+    """(this rank's saved train-loader state, or None; why a saved one does not fit and what
+    follows, or "")."""
+    if ckpt is not None and "epoch_samples" not in ckpt and ckpt.get("epoch_step"):
+        return None, ("the checkpoint predates the dealt order: the rest of its epoch is taken from the new order at "
+                      "the same sample count, so a few of the epoch's samples may be trained twice or not at all")
     states = (ckpt or {}).get("loader_states")
     if not states or not any(states):  # a new stage, or a loader that keeps no state (torch)
         return None, ""
     saved = ckpt.get("loader_graph") or {"loader": ckpt.get("loader")}  # older checkpoints: the loader's name
     now = loader_graph(s, ctx, stage)
-    differ = [f"{k} {saved[k]} -> {now[k]}" for k in saved if saved[k] != now.get(k)]
+    keys = [k for k in now if k in saved or k == "order"]  # checkpoints before the dealt order have none
+    differ = [f"{k} {saved.get(k)} -> {now[k]}" for k in keys if saved.get(k) != now[k]]
     if differ:
-        return None, f"the loader's saved state fits another graph ({', '.join(differ)})"
+        return None, f"the loader's saved state fits another graph ({', '.join(differ)}): its random draws are drawn anew"
     return states[ctx.rank], ""

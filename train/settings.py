@@ -35,8 +35,8 @@ USAGE = """Train the mask + depth model with PyTorch DDP.
     python train/main.py --config runs/r64/settings.json --out runs/again --seed 1   # a run's settings, flags over them
 
 nccl on GPUs, gloo on the CPU; bf16 autocast where it is measured faster than float32 on this
-machine (--precision auto), channels_last everywhere. Every rank reads its own part of the shards through the DALI
-loader (or --loader torch). --res 64,128,224 runs the seed's progressive schedule in one run
+machine (--precision auto), channels_last everywhere. The ranks read an order of the samples that depends on --seed and
+the epoch only, dealt a global batch at a time, through the DALI loader (or --loader torch). --res 64,128,224 runs the seed's progressive schedule in one run
 folder: each stage has its own warm-up and cosine and starts from the previous stage's best
 weights; best_<res>px.pt keeps each stage's best, best.pt the latest stage's. Checkpoints
 (last.pt every --ckpt-every steps and at each epoch's end) are written atomically; --resume
@@ -46,8 +46,11 @@ checkpoint.
 
 --resume auto continues from last.pt when there is one, else starts: what a launcher that
 restarts failed workers needs (torchrun --max-restarts N, several nodes: see README "Many nodes").
-With the DALI loader a resumed epoch goes on with exactly the samples, order and augmentation
-the interrupted run would have seen (DALI's checkpoint of each rank's pipeline is in last.pt).
+A resumed epoch goes on at the sample where the run stopped, with either loader: on the same
+ranks with exactly the samples, order and augmentation the interrupted run would have seen
+(DALI's random draws are in last.pt; the torch loader's are drawn per sample), on other ranks
+with each remaining sample once and fewer than one global batch of the epoch left out.
+--trace-samples FILE records the keys every rank trained on at every step.
 """
 
 # Per rank. On the CPU, what the quality benchmark chose for 2 ranks on 2 cores; on a GPU (sized
@@ -152,6 +155,8 @@ class TrainSettings:
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps in all, as a SIGTERM would (the schedule "
                                                         "still spans --epochs, so --resume goes on exactly); 0 = no limit"})
     vis_samples: int = field(default=4, metadata={"help": "validation samples in each epoch's picture"})
+    trace_samples: str = field(default="", metadata={"help": "append one JSON line per training step and rank to this file: "
+                                                              "epoch, step, rank, world_size and the keys of the samples trained on"})
 
     def __post_init__(self):
         # A number from older settings.json files, or lists from any JSON: tuples of ints.
@@ -230,7 +235,8 @@ CHOICES = {"recipe": tuple(RECIPES), "precision": MODES, "model": tuple(MODELS),
            "schedule": ("cosine", "step"), "compile_mode": ("default", "reduce-overhead", "max-autotune")}
 # What a resumed run may change; everything else must be as the run was started.
 RESUMABLE_CHANGES = {"epochs", "precision", "batch_size", "max_steps", "ckpt_every", "log_every", "workers", "device", "vis_samples",
-                     "compile", "compile_mode", "shards", "loader", "resume", "out", "hw_decoder_load", "cache_dir", "cache_limit"}
+                     "compile", "compile_mode", "shards", "loader", "resume", "out", "hw_decoder_load", "cache_dir", "cache_limit",
+                     "trace_samples"}
 
 
 def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
