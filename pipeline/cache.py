@@ -8,7 +8,7 @@ the manifest, shared by every process of a node, within a byte budget.
         train-000000.tar, .idx    complete, checked shards under their own names
         train-000000.tar.ok       stamp: the manifest's sha256, the files' sizes and mtimes
         .train-000000.tar.<bytes>.<pid>.part   a download under way (its final size in the name)
-        .pins/                    flock files: set.pin (a loader holds the whole set), <tar>.pin
+        .pins/                    flock files: set.pin (verify holds the whole set), <tar>.pin
                                   (in use or about to be read), <tar>.fetch (being fetched)
 
 A shard is a hit when its stamp holds the manifest's sha256 and the tar and index still have the

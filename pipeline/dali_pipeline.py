@@ -235,6 +235,8 @@ class DaliLoader:
                  hw_decoder_load: float = HW_DECODER_LOAD, state=None, window=None):
         self.deal, self.plan, self.reader = deal, deal.plan, reader
         self.feed = BatchFeed(deal, reader, window)
+        if window is not None:  # its pins go with the loader, not when its thread next lets go of it
+            weakref.finalize(self, window.close)
         gpu = device.startswith("cuda")
         device_id = (torch.device(device).index or 0) if gpu else None
         hints = {"hw_decoder_load": hw_decoder_load, "size_hint": stored_size(self.feed)} if gpu else {}

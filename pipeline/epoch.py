@@ -8,7 +8,8 @@ position kept in samples (as MosaicML streaming's canonical order), so a run res
 the same ranks and elastically on others:
 
 - the split's shards are permuted (seed, epoch) and cut into groups of consecutive shards of at
-  least GROUP_SAMPLES samples (or at most `group_bytes`, for a cache too small for those);
+  least GROUP_SAMPLES samples (a quarter of a smaller set; or at most `group_bytes`, for a cache
+  too small for those);
 - the samples of each group are permuted: a shuffle buffer with a hard bound on the shards it
   holds, which is what lets a node fetch the groups ahead of its readers;
 - global step k of an epoch that starts at sample `start` trains positions
@@ -53,6 +54,9 @@ def check_res(res: int) -> int:
 # two samples share a batch again the next epoch (with 1,000-sample shards, 4,096 is 4 shards a
 # group: BENCHMARKS.md, "Exact and elastic resume"), against the cache's window (5 groups).
 GROUP_SAMPLES = 4096
+# Groups an epoch has at least, so that a cold cache needs a part of a small set, not all of it,
+# before the first batch (pipeline.stream).
+MIN_GROUPS = 4
 
 
 def derive_seed(purpose: str, seed: int, *keys: int) -> int:
@@ -200,14 +204,15 @@ class Order:
         if not self.train:  # shard order, a group per shard
             return [Group((k,), self._rows(k)) for k in range(len(self.counts))]
         rng = np.random.default_rng(derive_seed("order", self.seed, epoch))
+        span = min(GROUP_SAMPLES, sum(self.counts) // MIN_GROUPS)
         cuts, cur, n, size = [], [], 0, 0
         for k in rng.permutation(len(self.counts)).tolist():
-            full = n >= GROUP_SAMPLES or (self.group_bytes and size + self.sizes[k] > self.group_bytes)
+            full = n >= span or (self.group_bytes and size + self.sizes[k] > self.group_bytes)
             if cur and full and n >= self.min_samples:
                 cuts.append(cur)
                 cur, n, size = [], 0, 0
             cur, n, size = cur + [k], n + self.counts[k], size + self.sizes[k]
-        if cuts and not self.group_bytes and n < GROUP_SAMPLES // 2:  # no small last group when bytes allow
+        if cuts and not self.group_bytes and n < span // 2:  # no small last group when bytes allow
             cur = cuts.pop() + cur
         cuts.append(cur)
         groups = []

@@ -95,14 +95,16 @@ def reading(p: Plan, loader: str, workers: int, cache_dir, cache_limit, seed: in
     from pipeline.fetch import ShardSet
 
     shards = _shards(p)
+    # The node's ranks read the same training groups (one window for them all), and each its own
+    # part of the validation split beside it.
     procs, beside = node_processes(), _validation_window(p) if p.train else 0
-    share = cache.limit // procs - beside
+    share = cache.limit - procs * beside
     if order is None and p.train and not cache.fits(p.set_bytes):
         # Groups of at least the batches a reader deals ahead of the one trained on (torch: its workers').
         least = p.batch_size * (2 * workers + 1 if loader == "torch" else 1)
         group = stream.budget(shards, share, least)
         if group is None:
-            need = (stream.window_bytes(shards, least) + beside) * procs
+            need = stream.window_bytes(shards, least) + procs * beside
             raise CacheError(f"--cache-limit {mb(cache.limit)} is too small to stream these shards: with {procs} "
                              f"process(es) on this node the shards in flight need at least {mb(need)}; raise it, or "
                              f"lower --batch-size.")

@@ -60,7 +60,8 @@ class ShardTask:
 
 def plan_shards(samples: list[Sample], s: ShardSettings) -> list[ShardTask]:
     """Shuffle (seeded) so that neighbours rarely share a background, split off validation, cut
-    into shards. Readers' shuffle buffers are small, so this shuffle is the one that matters."""
+    into shards. The loaders shuffle within groups of a few shards (pipeline.epoch), so this
+    shuffle is what keeps a batch's backgrounds apart."""
     order = np.random.default_rng(s.seed).permutation(len(samples))
     n_val = int(round(len(samples) * s.val_fraction))
     if s.val_fraction > 0 and len(samples) >= 2:

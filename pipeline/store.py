@@ -15,6 +15,7 @@ does not answer is one sentence and not a hang.
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def split(url: str) -> tuple[str, str]:
 
 
 _clients: dict = {}
+_making = threading.Lock()  # a cache's fetch threads ask at once: one client is made, not one each
 # Whole-shard downloads (pipeline.cache): parts of this size, several at once, for large shards.
 PART_BYTES = 32 << 20
 DOWNLOAD_THREADS = 8
@@ -58,15 +60,31 @@ def client(kind: str = "plain"):
     workers, pools). "transfer": for downloads whose sha256 the caller checks itself, so a
     download starts with its first ranged GET instead of a HEAD (botocore's own checksums off)."""
     key = (os.getpid(), kind)
-    if key not in _clients:
-        import boto3
-        from botocore.config import Config
+    if key in _clients:
+        return _clients[key]
+    with _making:
+        return _clients[key] if key in _clients else _make(key, kind)
 
-        if {k[0] for k in _clients} - {key[0]}:
-            _clients.clear()
-        extra = {"response_checksum_validation": "when_required", "max_pool_connections": 2 * DOWNLOAD_THREADS}
-        _clients[key] = boto3.session.Session().client("s3", config=Config(**TIMEOUTS, **(extra if kind == "transfer" else {})))
+
+def _make(key: tuple, kind: str):
+    import boto3
+    from botocore.config import Config
+
+    if {k[0] for k in _clients} - {key[0]}:
+        _clients.clear()
+    extra = {"response_checksum_validation": "when_required", "max_pool_connections": 2 * DOWNLOAD_THREADS}
+    _clients[key] = boto3.session.Session().client("s3", config=Config(**TIMEOUTS, **(extra if kind == "transfer" else {})))
     return _clients[key]
+
+
+def _new_lock() -> None:
+    """A forked child (a DataLoader worker) gets a lock of its own: the parent's may have been
+    held by a thread the fork did not copy."""
+    global _making
+    _making = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock)
 
 
 def endpoint() -> str:

@@ -26,8 +26,9 @@ WINDOW = 1  # groups fetched ahead of the ones the reader needs now
 
 
 def budget(shards: list[Shard], share: int, min_samples: int) -> int | None:
-    """group_bytes for a process's `share` of the cache: the groups it reads (two, at a group's
-    edge), the one behind and WINDOW ahead must fit; None if not even groups of min_samples do."""
+    """group_bytes for the training window's `share` of the cache: the groups being read (two, at
+    a group's edge), the one behind and WINDOW ahead must fit; None if not even groups of
+    min_samples do."""
     group = share // (WINDOW + 3)
     return group if largest_group(shards, min_samples) <= group else None
 
@@ -44,8 +45,9 @@ def largest_group(shards: list[Shard], min_samples: int) -> int:
 
 
 def window_bytes(shards: list[Shard], min_samples: int) -> int:
-    """What a process pins at most with the smallest groups possible (validation's: a shard each)."""
-    return (WINDOW + 3) * largest_group(shards, min_samples)
+    """What a process pins at most with the smallest groups possible (validation's: a shard each),
+    never more than the split."""
+    return min((WINDOW + 3) * largest_group(shards, min_samples), sum(s.total for s in shards))
 
 
 class Window:
@@ -58,11 +60,20 @@ class Window:
         self.order = deal.order
         self._pins: dict[int, tuple[object, int]] = {}  # shard -> (pin, groups holding it)
         self._ready: dict[tuple[int, int], tuple[int, ...]] = {}  # (epoch, group) -> its shards, fetched
-        self._at = (deal.first[0], 0)  # the first group the reader still needs
+        self._at = self._first()  # the first group the reader still needs
         self._error: BaseException | None = None
         self._cond = threading.Condition()  # guards all of the above
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Fetching from now on, while the loader is built (the thread holds only a weak
+        # reference: the reader's end is its end).
+        self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self),), name="shard-prefetch", daemon=True)
+        self._thread.start()
+
+    def _first(self) -> tuple[int, int]:
+        epoch = self.deal.first[0]
+        if self.deal.batches(epoch) == 0:
+            return epoch + 1, 0
+        return epoch, int(self.order.group_of(epoch, self.deal.positions(epoch, 0)[:1])[0])
 
     def tar(self, k: int) -> str:
         return str(self.sset.tar(self.shards[k]))
@@ -76,10 +87,6 @@ class Window:
             self._at = max(self._at, (epoch, needed[0]))
             self._release_before((self._at[0], self._at[1] - 1))
             self._cond.notify_all()
-            if self._thread is None:  # the thread holds only a weak reference: the reader's end is its end
-                self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self),), name="shard-prefetch",
-                                                daemon=True)
-                self._thread.start()
             while not all((epoch, g) in self._ready for g in needed):
                 if self._error is not None:
                     raise self._error

@@ -14,10 +14,16 @@ and the shard GETs that moto's request log counts:
     dali disk              the baseline
     dali s3 cold           a fresh cache that the set fits: groups of shards fetched ahead of the reader
     dali s3 warm           the same cache again (a second epoch, or run): no GETs
-    dali s3 quarter        a budget of a quarter of the set: groups cut to fit it (pipeline.stream);
-                           the cache's size sampled every 5 ms, peak vs budget
+    dali s3 streamed       a budget of --stream-fraction of the train split (default a half): groups
+                           cut to fit it (pipeline.stream); the cache's size sampled every 5 ms,
+                           peak vs budget
     torch disk / s3 cold / s3 warm / s3 off (--cache-dir off: a ranged GET a sample)
     dali s3 off            optional (--uncached-batches N): DALI with the cache off
+
+With --epoch-rounds N, first (and alone, with --epochs-only): one epoch of the train split as a
+whole `depthcli bench` process, from disk and from s3:// with a fresh cache, interleaved, for
+this checkout and a --baseline checkout beside it (the goal of issue 22: a cold first epoch at
+0.9x the disk's speed or better).
 
 Then, with --train-steps, train/main.py under torchrun (2 ranks sharing the node's cache) from
 disk and from s3:// with a cold cache, interleaved over --train-rounds: samples/s after the
@@ -111,13 +117,13 @@ class _nothing:
         pass
 
 
-def configs(args, work: Path, quarter: int):
+def configs(args, work: Path, budget: int):
     """(name, loader, shards, cache options) per row, fresh cache folders for the cold rows."""
     cold = lambda tag: {"cache_dir": str(_fresh(work / tag))}  # noqa: E731
     rows = [("dali disk", "dali", args.shards, {}),
             ("dali s3 cold", "dali", URL, cold("dali")),
             ("dali s3 warm", "dali", URL, {"cache_dir": str(work / "dali")}),
-            ("dali s3 quarter", "dali", URL, {**cold("quarter"), "cache_limit": quarter}),
+            ("dali s3 streamed", "dali", URL, {**cold("streamed"), "cache_limit": budget}),
             ("torch disk", "torch", args.shards, {}),
             ("torch s3 cold", "torch", URL, cold("torch")),
             ("torch s3 warm", "torch", URL, {"cache_dir": str(work / "torch")}),
@@ -133,17 +139,44 @@ def _fresh(path: Path) -> Path:
 
 
 def loaders(server: MotoServer, args, work: Path) -> list[dict]:
-    quarter = part_bytes(args.shards) // 4
+    budget = int(part_bytes(args.shards) * args.stream_fraction)
     for loader in ("dali", "torch"):  # not counted: a process's first build pays for imports and constants
         one(server, "warm-up", loader, args.shards, args, {})
     results = []
     for rnd in range(args.rounds):
-        for name, loader, where, cache in configs(args, work, quarter):
+        for name, loader, where, cache in configs(args, work, budget):
             batches = args.uncached_batches if name == "dali s3 off" else args.batches
             r = one(server, name, loader, where, argparse.Namespace(**{**vars(args), "batches": batches}), cache)
             results.append({**r, "round": rnd})
             print(json.dumps(results[-1]), flush=True)
     return results
+
+
+def epoch_process(checkout: Path, shards: str, args, cache_dir: str) -> float:
+    """Wall seconds of a whole `depthcli bench` process (imports, build, downloads) over one
+    epoch of the train split, run from `checkout` (this one, or a --baseline beside it)."""
+    batches = args.epoch_batches or sum(e["samples"] for e in read_manifest(args.shards)["splits"]["train"]["shards"]) // args.batch_size
+    cmd = [sys.executable, "-c", "import sys; from train.cli import main; sys.argv[0] = 'depthcli'; main()", "bench",
+           "--shards", shards, "--loader", args.epoch_loader, "--res", str(args.res), "--batch-size", str(args.batch_size),
+           "--batches", str(batches - 1), "--warmup", "1", "--cache-dir", cache_dir]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)}, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def epochs(args, work: Path) -> list[dict]:
+    """A first epoch as a whole process, from disk and from s3:// with a cold cache, interleaved
+    over --epoch-rounds, for this checkout and --baseline's."""
+    rows, here = [], Path(__file__).resolve().parent.parent
+    sides = [("this", here)] + ([("baseline", args.baseline)] if args.baseline else [])
+    for rnd in range(args.epoch_rounds):
+        for side, checkout in sides:
+            disk = epoch_process(checkout, args.shards, args, "off")
+            cold = epoch_process(checkout, URL, args, str(_fresh(work / "epoch")))
+            rows.append({"config": f"epoch {side}", "disk_s": round(disk, 2), "s3_cold_s": round(cold, 2),
+                         "ratio": round(disk / cold, 3), "round": rnd})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def training(server: MotoServer, args, work: Path) -> list[dict]:
@@ -161,7 +194,7 @@ def training(server: MotoServer, args, work: Path) -> list[dict]:
     return rows
 
 
-def report(results: list[dict], train: list[dict], quarter: int) -> None:
+def report(results: list[dict], train: list[dict], budget: int) -> None:
     med = {}
     for name in dict.fromkeys(r["config"] for r in results):
         rs = [r for r in results if r["config"] == name]
@@ -174,7 +207,7 @@ def report(results: list[dict], train: list[dict], quarter: int) -> None:
         cpu, disk_cpu = m["cpu_s"] + m["server_cpu_s"], disk["cpu_s"] + disk["server_cpu_s"]
         print(f"{name:18s} {m['samples_per_s']:10,.0f} {m['samples_per_s'] / disk['samples_per_s']:8.2f} {m['wall_s']:7.2f} "
               f"{disk['wall_s'] / m['wall_s']:8.2f} {cpu:8.2f} ({m['server_cpu_s']:4.2f}) {disk_cpu / cpu:8.2f} "
-              f"{m['shard_gets']:11.0f}  " + (f"{m['peak'] / 1e6:.2f} MB of {quarter / 1e6:.2f}" if name.endswith("quarter") else ""))
+              f"{m['shard_gets']:11.0f}  " + (f"{m['peak'] / 1e6:.2f} MB of {budget / 1e6:.2f}" if name.endswith("streamed") else ""))
     for name in dict.fromkeys(t["config"] for t in train):
         m, d = ({k: statistics.median(t[k] for t in train if t["config"] == c) for k in ("samples_per_s", "wall_s", "shard_gets")}
                 for c in (name, "train disk"))
@@ -194,6 +227,15 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="threads / processes (default: all cores)")
     p.add_argument("--train-steps", type=int, default=0, help="also train this many steps from disk and s3 (default: 0)")
     p.add_argument("--train-rounds", type=int, default=2, help="rounds of the two training runs (default: 2)")
+    p.add_argument("--epoch-rounds", type=int, default=0,
+                   help="also time a first epoch as a whole process, disk against a cold cache, this many rounds")
+    p.add_argument("--epoch-loader", default="dali", help="the loader of those epochs (default: dali)")
+    p.add_argument("--epoch-batches", type=int, default=0,
+                   help="batches of those 'epochs' (default: 0 = a whole epoch; a few: the time to start on a large set)")
+    p.add_argument("--epochs-only", action="store_true", help="only those epochs")
+    p.add_argument("--baseline", type=Path, help="another checkout whose epochs run beside this one's, round by round")
+    p.add_argument("--stream-fraction", type=float, default=0.5,
+                   help="the streamed row's cache budget, as a share of the train split (default: 0.5)")
     p.add_argument("--uncached-batches", type=int, default=0,
                    help="also time DALI reading s3:// itself, over this many batches (slow; default: 0, not run)")
     args = p.parse_args()
@@ -205,9 +247,16 @@ def main():
 
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         subprocess.run([sys.executable, "-m", "train.cli", "upload", args.shards, URL], check=True)
+        if args.epoch_rounds:
+            rows = epochs(args, work)
+            for side in dict.fromkeys(r["config"] for r in rows):
+                print(f"{side}: a cold first epoch, whole process, at {statistics.median(r['ratio'] for r in rows if r['config'] == side):.2f}x "
+                      f"the disk's speed (median of {args.epoch_rounds} rounds)")
+            if args.epochs_only:
+                return
         results = loaders(server, args, work)
         train = training(server, args, work) if args.train_steps else []
-        report(results, train, part_bytes(args.shards) // 4)
+        report(results, train, int(part_bytes(args.shards) * args.stream_fraction))
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -29,13 +29,15 @@ def plan(counts, rank, world, batch=1):
 
 def test_an_epochs_order_is_every_sample_once_and_depends_on_seed_and_epoch_only(monkeypatch):
     monkeypatch.setattr(epoch, "GROUP_SAMPLES", 25)
-    counts = [10, 7, 10, 10, 3, 10]
+    counts = [10, 7, 10, 10, 3, 10] * 2
     order = Order(counts, seed=1, train=True)
     every = sorted((k, i) for k, n in enumerate(counts) for i in range(n))
     for e in range(3):
         assert sorted(map(tuple, order.sequence(e).tolist())) == every
         assert all(sum(counts[k] for k in g.shards) >= 25 for g in order.groups(e)[:-1])  # each a shuffle of 25+
         assert np.array_equal(order.sequence(e), Order(counts, seed=1, train=True).sequence(e))
+    small = Order(counts[:6], seed=1, train=True)  # 50 samples: groups of a quarter of them, for a cold cache
+    assert len(small.groups(0)) >= 3 and all(sum(counts[k] for k in g.shards) >= 12 for g in small.groups(0))
     assert not np.array_equal(order.sequence(0), order.sequence(1))
     assert not np.array_equal(order.sequence(0), Order(counts, seed=2, train=True).sequence(0))
     val = Order(counts, seed=1, train=False)
