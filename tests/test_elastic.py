@@ -98,3 +98,23 @@ def test_the_torch_loader_draws_augmentation_per_sample(exact_shards):
             resumed.update(zip(b["keys"], fingerprint(b)))
     assert len(resumed) == 12 and all(whole.get(k, v) == v for k, v in resumed.items())
     assert sum(k in whole for k in resumed) >= 8  # most of them were in the first run's batches
+
+
+def test_ranks_that_would_read_different_orders_stop_with_one_sentence(monkeypatch):
+    """A node whose cache budget cuts the groups by bytes deals other samples than the rest."""
+    import types
+
+    import torch.distributed as dist
+
+    from train import main as trainer
+    from train.settings import TrainingError
+
+    ours, theirs = {"group_bytes": 0, "min_samples": 1}, {"group_bytes": 4_000_000, "min_samples": 16}
+    loader = types.SimpleNamespace(deal=types.SimpleNamespace(order=types.SimpleNamespace(params=ours)))
+    ctx = types.SimpleNamespace(world_size=2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine, mine]))
+    trainer.same_order(ctx, loader)  # the same everywhere: nothing to say
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine, theirs]))
+    with pytest.raises(TrainingError, match=r"^the ranks would read different orders of the samples .*: give every node "
+                                            r"the same --cache-limit, large enough for the set or not\.$"):
+        trainer.same_order(ctx, loader)

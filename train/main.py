@@ -29,7 +29,7 @@ from pipeline.workers import cpu_share
 from train import checkpoint, precision
 from train.dist import DistContext, barrier, cleanup, print0, setup
 from train.loop import NonFiniteLoss, StopRequest, train_one_epoch, validate
-from train.run import Run, resume_position, saved_loader_state
+from train.run import Run, order_params, resume_position, saved_loader_state
 from train.settings import Stage, TrainingError, TrainSettings, get_args_parser, settings_from  # noqa: F401 (re-exported)
 
 
@@ -56,6 +56,19 @@ def same_start(ctx: DistContext, s: TrainSettings, step: int) -> None:
     if both[0] != -both[1]:  # max(step) != min(step)
         raise TrainingError(f"the ranks would resume from different steps ({int(-both[1])} to {int(both[0])}): "
                             f"--out {s.out} must be one folder that every node sees (a shared file system).")
+
+
+def same_order(ctx: DistContext, loader) -> None:
+    """Every rank must read one order: a node whose shard cache's budget is smaller than the set
+    cuts its groups by bytes (pipeline.stream), and would deal other samples than the rest."""
+    if ctx.world_size == 1:
+        return
+    params = [None] * ctx.world_size
+    dist.all_gather_object(params, order_params(loader))
+    if any(p != params[0] for p in params):
+        raise TrainingError(f"the ranks would read different orders of the samples ({params[0]} on rank 0, "
+                            f"{next(p for p in params if p != params[0])} elsewhere): give every node the same "
+                            f"--cache-limit, large enough for the set or not.")
 
 
 def first_stage(resumed: dict | None, stages: list[Stage]) -> tuple[int, int]:
@@ -88,6 +101,7 @@ def loaders(s: TrainSettings, ctx: DistContext, stage: Stage, resumed: dict | No
             raise
         print0(ctx, f"the loader's saved state could not be restored ({e}); its random draws are drawn anew")
         return loaders(s, ctx, stage, resumed, None)
+    same_order(ctx, train)
     # Validation decodes and resizes only, between epochs: a few threads, not a second set of all cores.
     val = build_loader(s.shards, split="val", seed=s.seed, **{**common, "workers": max(1, workers // 4)})
     return train, val, exact
