@@ -229,6 +229,8 @@ class Deal:
 
     def __init__(self, plan: Plan, order: Order, first: tuple[int, int] = (0, 0)):
         self.plan, self.order, self.first = plan, order, (int(first[0]), int(first[1]))
+        if plan.train and self.left(self.first[1]) == 0:  # saved after the epoch's last step: the next one
+            self.first = (self.first[0] + 1, 0)
 
     @property
     def global_batch(self) -> int:

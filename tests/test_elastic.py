@@ -118,3 +118,13 @@ def test_ranks_that_would_read_different_orders_stop_with_one_sentence(monkeypat
     with pytest.raises(TrainingError, match=r"^the ranks would read different orders of the samples .*: give every node "
                                             r"the same --cache-limit, large enough for the set or not\.$"):
         trainer.same_order(ctx, loader)
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_a_loader_started_after_an_epochs_last_step_gives_the_next_epoch(exact_shards, loader):
+    """A SIGTERM after the last step of an epoch saves its position there (32 of 39 samples at a
+    global batch of 8): the loader resumed at it goes on with the next epoch, whole."""
+    kw = {"split": "train", "res": 32, "batch_size": 8, "loader": loader, "workers": 1, "seed": SEED, "augment": Augment.off()}
+    whole = build_loader(exact_shards, **kw)
+    next_epoch = [[b["keys"] for b in whole] for _ in range(2)][1]
+    assert [b["keys"] for b in build_loader(exact_shards, start=(0, 32), **kw)] == next_epoch
