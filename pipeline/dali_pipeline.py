@@ -248,6 +248,9 @@ class DaliLoader:
                                  enable_checkpointing=self.plan.train, checkpoint=state["dali"] if state else None)
         self.device = torch.device(device)
         with dali_errors(self.plan.shards):  # the iterator runs the first batches already
+            pipe.build()  # first, then the downloads: side by side, both wait on Python's lock, and longer than in turn
+            if window is not None:
+                window.start()
             self.iterator = DALIGenericIterator(pipe, ["bg", "fg_bg", "labels", "ids"], last_batch_policy=LastBatchPolicy.PARTIAL,
                                                 auto_reset=True)
 

@@ -64,10 +64,16 @@ class Window:
         self._error: BaseException | None = None
         self._cond = threading.Condition()  # guards all of the above
         self._stop = threading.Event()
-        # Fetching from now on, while the loader is built (the thread holds only a weak
-        # reference: the reader's end is its end).
-        self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self),), name="shard-prefetch", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Fetching from now on (at the latest at the first wait). The thread holds only a weak
+        reference: the reader's end is its end."""
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self),), name="shard-prefetch",
+                                                daemon=True)
+                self._thread.start()
 
     def _first(self) -> tuple[int, int]:
         epoch = self.deal.first[0]
@@ -83,6 +89,7 @@ class Window:
 
     def wait(self, epoch: int, positions: np.ndarray) -> None:
         needed = sorted(set(self.order.group_of(epoch, positions).tolist()))
+        self.start()
         with self._cond:
             self._at = max(self._at, (epoch, needed[0]))
             self._release_before((self._at[0], self._at[1] - 1))

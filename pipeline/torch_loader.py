@@ -153,7 +153,8 @@ class TorchLoader:
                  window=None):
         self.deal, self.plan, self.device, self.seed = deal, deal.plan, torch.device(device), seed
         self.workers, self.window, self.epoch = workers, window, deal.first[0]
-        if window is not None:  # its pins go with the loader, not when its thread next lets go of it
+        if window is not None:  # fetching from now on; its pins go with the loader, not when its thread lets go of it
+            window.start()
             weakref.finalize(self, window.close)
         on_device = augment_on_device(self.device)
         self.device_augment = DeviceAugment(aug) if on_device and self.plan.train else None
