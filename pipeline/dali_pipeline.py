@@ -163,7 +163,7 @@ def stored_size(feed: "BatchFeed") -> tuple[int, int]:
     The four images of a sample share a size, and a set usually has one size throughout."""
     try:
         epoch = feed.deal.first[0]
-        fg_bg = feed.read(epoch, feed.deal.positions(epoch, 0)[:1])[0][1]
+        fg_bg = feed.read(epoch, feed.deal.positions(epoch, 0)[:1])[1][0][1]
         with Image.open(io.BytesIO(fg_bg)) as img:
             return img.size
     except (OSError, LoaderError):
@@ -195,18 +195,18 @@ class BatchFeed:
     def __init__(self, deal: Deal, reader: SampleReader, window=None):
         self.deal, self.reader, self.window = deal, reader, window
 
-    def read(self, epoch: int, positions: np.ndarray) -> list[list[bytes]]:
+    def read(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, list[list[bytes]]]:
+        """(the samples at these positions of the epoch's order as (shard, sample) rows, their images)."""
         if self.window is not None:
             self.window.wait(epoch, positions)
-        return [self.reader.read(k, i) for k, i in self.deal.order.sequence(epoch)[positions].tolist()]
+        rows = self.deal.order.sequence(epoch)[positions]
+        return rows, [self.reader.read(k, i) for k, i in rows.tolist()]
 
     def __call__(self, info):
         epoch = self.deal.first[0] + info.epoch_idx
         if info.iteration >= self.deal.batches(epoch):
             raise StopIteration
-        positions = self.deal.positions(epoch, info.iteration)
-        samples = self.read(epoch, positions)
-        rows = self.deal.order.sequence(epoch)[positions]
+        rows, samples = self.read(epoch, self.deal.positions(epoch, info.iteration))
         # One dense B×3 array: DALI takes it in one copy, where a list costs a conversion a sample.
         ids = np.concatenate([np.full((len(rows), 1), epoch), rows], 1).astype(np.int64)
         return (*([np.frombuffer(s[r], np.uint8) for s in samples] for r in range(len(ROLES))), ids)

@@ -5,6 +5,7 @@ seed and epoch only), and against what a run that was never stopped trained on."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -58,6 +59,8 @@ def test_stopped_and_resumed_on_other_ranks(exact_shards, tmp_path, loader):
     assert len(lines) == 8 * 2 and all(lines[(i + 1, r)]["keys"] == keys for i, step in enumerate(want)
                                        for r, keys in enumerate(step))
     assert {(t["epoch"], t["world_size"]) for t in lines.values()} == {(0, 2), (1, 2)}
+    resumes = [r for r in map(json.loads, (cut / "log.jsonl").read_text().splitlines()) if r["kind"] == "resume"]
+    assert [(r["from_step"], r["exact"], r["world_size_before"]) for r in resumes] == [(2, True, 2)]
 
     for world in (1, 3):
         out = tmp_path / f"on{world}"
@@ -65,6 +68,8 @@ def test_stopped_and_resumed_on_other_ranks(exact_shards, tmp_path, loader):
             assert train_main(args(exact_shards, out, loader, "--resume", "--max-steps", "0")) == 0
         else:
             torchrun(world, args(exact_shards, out, loader, "--resume", "--max-steps", "0"))
+        resumes = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "resume"]
+        assert [(r["from_step"], r["exact"], r["world_size_before"]) for r in resumes] == [(2, False, 2)]
         lines = trace(tmp_path / f"on{world}.trace")
         epoch0 = [k for t in lines.values() if t["epoch"] == 0 for k in t["keys"]]
         left = (39 - 16) % (BATCH * world)

@@ -218,3 +218,28 @@ def test_dali_names_a_tar_gone_from_the_store_midway(doomed_shards):
     assert str(e.value) == (f"{doomed_shards}/train-000003.tar does not exist (no such key or bucket at "
                             f"{os.environ['AWS_ENDPOINT_URL']}).")
     assert time.time() - t0 < 30
+
+
+def test_threads_asking_for_a_client_at_once_make_one(monkeypatch):
+    """The cache's fetch threads start together: one boto3 client is made, not one each (each
+    costs a few hundred ms of Python, which the first batch waited for)."""
+    import threading
+
+    import boto3
+
+    made = []
+
+    def slow_client(self, *a, **kw):
+        made.append(1)
+        time.sleep(0.2)
+        return object()
+
+    monkeypatch.setattr(boto3.session.Session, "client", slow_client)
+    monkeypatch.setattr(store, "_clients", {})
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(store.client("transfer"))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1 and len({id(c) for c in got}) == 1

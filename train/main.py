@@ -151,7 +151,7 @@ def train_stage(s: TrainSettings, ctx: DistContext, stages: list[Stage], stage: 
     train_loader, val_loader, exact = loaders(s, ctx, stage, resumed, state)
     run = Run(s, stage, ctx, chosen, train_loader)
     if resumed is not None:
-        run.restore(resumed, exact)
+        run.restore(resumed)
         say_resumed(run, exact, dropped, writer)
     elif stage.index > 0:
         barrier()  # rank 0 writes the previous stage's best after the other ranks are done with it

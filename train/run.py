@@ -4,7 +4,7 @@ once the stage's loaders exist (their length sets the schedule):
 
     state, note = saved_loader_state(resumed, settings, ctx, stage)   # a checkpoint's, if it fits
     run = Run(settings, stage, ctx, chosen_precision, train_loader)
-    run.restore(resumed, exact=...)  or  run.begin(step, weights=...)
+    run.restore(resumed)  or  run.begin(step, weights=...)
     ... run.optimizer.step(); run.scheduler.step(); run.stepped() ...
     run.end_epoch(metrics)               # every rank calls it; rank 0 writes last.pt (and best.pt)
 """
@@ -164,8 +164,8 @@ class Run:
                                                    "loader": self.s.loader})
         self.last_saved = self.step
 
-    def restore(self, ckpt: dict, exact: bool) -> None:
-        """Inside the stage from last.pt; `exact`: the train loader goes on from its saved state."""
+    def restore(self, ckpt: dict) -> None:
+        """Inside the stage from last.pt, at its position in samples (the train loader starts there)."""
         self.raw.load_state_dict(ckpt.get("live_state_dict", ckpt["state_dict"]))
         if self.ema:
             self.ema.model.load_state_dict(ckpt["state_dict"])
