@@ -92,8 +92,13 @@ def lock(path: Path, mode: int, wait: bool = True) -> int | None:
 
 
 def unlock(fd: int | None) -> None:
+    """Release, then close: a child forked meanwhile (a torch loader's worker) shares the fd's open
+    file description, and closing ours alone would leave the lock held as long as the child lives."""
     if fd is not None:
-        os.close(fd)  # closing the fd releases its lock
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)

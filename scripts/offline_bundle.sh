@@ -4,7 +4,7 @@
 #
 #     bash scripts/offline_bundle.sh DIR        # where PyPI is reachable; about 255 MB
 #
-# Resolves pyproject.toml's dependencies plus the [cu13] extra and pytest, pytorch-msssim and
+# Resolves pyproject.toml's dependencies plus the [cu13] extra and pytest, pytest-timeout, pytorch-msssim and
 # webdataset (from the [dev] extra:
 # `gpu_check.sh --stage tests` runs the suite there; moto is left out, its tests skip without it)
 # with pip's own resolver for that platform, leaves out torch and what the target's torch itself
@@ -39,7 +39,7 @@ import re, sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 extras = project["optional-dependencies"]
 name = lambda req: re.split(r"[<>=!~ \[;]", req, maxsplit=1)[0].lower()
-for req in project["dependencies"] + extras[sys.argv[2]] + [r for r in extras["dev"] if name(r) in ("pytest", "pytorch-msssim", "webdataset")]:
+for req in project["dependencies"] + extras[sys.argv[2]] + [r for r in extras["dev"] if name(r) in ("pytest", "pytest-timeout", "pytorch-msssim", "webdataset")]:
     if name(req) != "torch":
         print(req)
 EOF

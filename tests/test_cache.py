@@ -477,3 +477,25 @@ def test_the_cache_owns_stamps_and_pins(tmp_path):
     assert not cset.hit(s)
     source = inspect.getsource(fetch)
     assert "STAMP" not in source and ".pins" not in source and "flock" not in source
+
+
+def test_a_lock_is_released_though_a_forked_child_holds_its_fd(tmp_path):
+    """A torch worker forked while the prefetch thread held the cache's lock shares its fd: the
+    thread's unlock must free it for the node at once, not when the worker exits (a hang)."""
+    import fcntl
+
+    from pipeline.cache import lock, unlock
+
+    fd = lock(tmp_path / ".lock", fcntl.LOCK_EX)
+    child = os.fork()
+    if child == 0:  # the worker: holds the inherited fd until killed
+        time.sleep(60)
+        os._exit(0)
+    try:
+        unlock(fd)
+        other = lock(tmp_path / ".lock", fcntl.LOCK_EX, wait=False)
+        assert other is not None, "the lock stayed with the forked child"
+        unlock(other)
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
