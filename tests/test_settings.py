@@ -52,3 +52,22 @@ def test_a_bad_config_is_one_sentence(tmp_path, text):
         settings_from(["--config", str(path)])
     with pytest.raises(TrainingError, match="cannot read"):
         settings_from(["--config", str(tmp_path / "missing.json")])
+
+
+def test_a_gpus_default_batch_leaves_each_stage_its_steps(small_shards):
+    """On a GPU the default batch is the GPU's unless a stage would then take fewer than
+    MIN_STEPS optimizer steps (at least GPU_MIN_BATCH a rank); the CPU's and a given batch stay."""
+    from train.main import train_samples
+    from train.settings import GPU_BATCH, MIN_STEPS
+
+    assert MIN_STEPS == 1000
+    gpu = replace(TrainSettings(), device="cuda", res=(64, 224), epochs=(1.0, 0.1))
+    assert [s.batch for s in gpu.stages(32_000, 1)] == [32, 8]  # 1,000 steps; 3,200 samples: the floor
+    assert [s.batch for s in gpu.stages(32_000, 2)] == [16, 8]
+    assert [s.batch for s in gpu.stages(32_000, 8)] == [8, 8]
+    assert [s.batch for s in replace(gpu, epochs=(5.0, 5.0)).stages(400_000, 8)] == [250, GPU_BATCH[224]]
+    assert [s.batch for s in replace(gpu, epochs=(5.0, 5.0)).stages(400_000, 1)] == [GPU_BATCH[64], GPU_BATCH[224]]
+    assert [s.batch for s in replace(gpu, batch_size=(512,)).stages(32_000, 1)] == [512, 512]
+    assert [s.batch for s in replace(gpu, device="cpu").stages(32_000, 1)] == [16, 8]
+    assert train_samples(str(small_shards)) == sum(
+        e["samples"] for e in json.loads((small_shards / "manifest.json").read_text())["splits"]["train"]["shards"])

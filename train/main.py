@@ -24,7 +24,7 @@ import torch.distributed as dist
 from pipeline.epoch import derive_seed
 from pipeline.errors import DepthsegError
 from pipeline.loaders import build_loader
-from pipeline.manifest import LoaderError
+from pipeline.manifest import LoaderError, read_manifest, split_shards
 from pipeline.workers import cpu_share
 from train import checkpoint, precision
 from train.dist import DistContext, barrier, cleanup, print0, setup
@@ -107,6 +107,11 @@ def loaders(s: TrainSettings, ctx: DistContext, stage: Stage, resumed: dict | No
     return train, val, exact
 
 
+def train_samples(shards: str) -> int:
+    """The training split's samples, from the manifest: what sizes a GPU's default batch."""
+    return sum(e["samples"] for e in split_shards(read_manifest(shards), "train"))
+
+
 def train(s: TrainSettings, ctx: DistContext) -> int:
     torch.manual_seed(derive_seed("trainer", s.seed, ctx.rank))
     if ctx.device.type == "cpu":
@@ -116,7 +121,7 @@ def train(s: TrainSettings, ctx: DistContext) -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if s.sync_bn and ctx.device.type != "cuda":
         raise TrainingError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm runs on CUDA tensors only; drop it on the CPU.")
-    stages, out = s.stages(), Path(s.out)
+    stages, out = s.stages(train_samples(s.shards) if s.on_gpu() else 0, ctx.world_size), Path(s.out)
     resumed = resume_point(s, out)
     first, step = first_stage(resumed, stages)
     same_start(ctx, s, step)

@@ -54,15 +54,26 @@ with each remaining sample once and fewer than one global batch of the epoch lef
 """
 
 # Per rank. On the CPU, what the quality benchmark chose for 2 ranks on 2 cores; on a GPU (sized
-# for 80 GB, bf16) batches large enough that the GPU is not launch-bound. scripts/gpu_check.sh
-# reports the peak memory.
+# for 80 GB, bf16) batches large enough that the GPU is not launch-bound, unless a stage would
+# then take fewer than MIN_STEPS optimizer steps: at equal samples (32k, 64 px) global batches of
+# 64 / 128 / 256 / 1024 (500 / 250 / 125 / 31 steps) ended 0.008 / 0.020 / 0.039 / 0.147 mask IoU
+# below the CPU's 32 (1,000 steps): what a short run lacks is steps (BENCHMARKS.md, "Study 3").
+# GPU_MIN_BATCH keeps batch norm's statistics sound. scripts/gpu_check.sh reports the peak memory.
 CPU_BATCH = {64: 16, 128: 16, 224: 8}
 GPU_BATCH = {64: 1024, 128: 256, 224: 128}
+MIN_STEPS = 1000
+GPU_MIN_BATCH = 8
 
 
-def default_batch(res: int, gpu: bool) -> int:
-    """The per-rank batch when --batch-size is 0."""
-    return (GPU_BATCH if gpu else CPU_BATCH).get(res, (128 if res > 128 else 256) if gpu else (8 if res > 128 else 16))
+def default_batch(res: int, gpu: bool, stage_samples: float = 0, world_size: int = 1) -> int:
+    """The per-rank batch when --batch-size is 0; on a GPU, given the stage's samples (its epochs
+    × the training split), no larger than gives it MIN_STEPS steps on world_size ranks."""
+    if not gpu:
+        return CPU_BATCH.get(res, 8 if res > 128 else 16)
+    batch = GPU_BATCH.get(res, 128 if res > 128 else 256)
+    if stage_samples:
+        batch = min(batch, max(GPU_MIN_BATCH, int(stage_samples // (MIN_STEPS * world_size))))
+    return batch
 
 
 class TrainingError(DepthsegError):
@@ -97,7 +108,8 @@ class TrainSettings:
     epochs: tuple = field(default=(5.0,), metadata={"help": "epochs, one number for every stage or one per stage (e.g. 8,3,2); "
                                                            "fractions are fine (0.5: half of a large set; the schedule spans it)"})
     batch_size: tuple = field(default=(0,), metadata={"help": "per rank, one for every stage or one per stage; 0 = by resolution: "
-                                                             "on the CPU 16 at 64 and 128 px, 8 at 224; on a GPU 1024, 256, 128"})
+                                                             "on the CPU 16 at 64 and 128 px, 8 at 224; on a GPU 1024, 256, 128, or less (at least 8) to "
+                                                             "give each stage 1,000 steps"})
     recipe: str = field(default="fast", metadata={"help": "fast: the measured best (BENCHMARKS.md); diff: the defaults before the unet "
                                                            "model; reference: the seed's Adam + StepLR + loss. Sets the options below that are not given"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw (decoupled weight decay) or adam (L2, the reference's)"})
@@ -175,8 +187,9 @@ class TrainSettings:
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
 
-    def stages(self) -> list["Stage"]:
-        """One Stage per --res, each with its epochs and batch size; one sentence if they do not fit."""
+    def stages(self, train_samples: int = 0, world_size: int = 1) -> list["Stage"]:
+        """One Stage per --res, each with its epochs and batch size (see default_batch: on a GPU it
+        depends on the training split's samples and the ranks); one sentence if they do not fit."""
         n = len(self.res)
         for name in ("epochs", "batch_size", "lr"):
             if len(getattr(self, name)) not in (1, n):
@@ -189,7 +202,8 @@ class TrainSettings:
         if not all(self.epochs):
             raise TrainingError(f"--epochs {_shown(self.epochs)}: every stage needs more than 0 epochs.")
         per = lambda values, i: values[i if len(values) > 1 else 0]  # noqa: E731
-        return [Stage(i, r, per(self.epochs, i), per(self.batch_size, i) or default_batch(r, self.on_gpu()), per(self.lr, i), n)
+        return [Stage(i, r, per(self.epochs, i), per(self.batch_size, i)
+                      or default_batch(r, self.on_gpu(), per(self.epochs, i) * train_samples, world_size), per(self.lr, i), n)
                 for i, r in enumerate(self.res)]
 
 
