@@ -95,10 +95,8 @@ def unlock(fd: int | None) -> None:
     """Release, then close: a child forked meanwhile (a torch loader's worker) shares the fd's open
     file description, and closing ours alone would leave the lock held as long as the child lives."""
     if fd is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 @dataclass(frozen=True)
