@@ -9,6 +9,7 @@ The global rank chooses the data; the local rank chooses the GPU. nccl on GPUs, 
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -56,6 +57,10 @@ def check_gpus(local_rank: int, local_world: int, gpus: int) -> None:
 
 
 def cleanup() -> None:
+    """Collect first: a DDP reducer kept by a reference cycle would otherwise go with its gloo work
+    at interpreter shutdown, where a rank once aborted ("terminate called without an active
+    exception") after a finished run."""
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 
