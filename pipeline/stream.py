@@ -142,6 +142,10 @@ class Window:
                 pin.close()
             raise
         with self._cond:
+            if self._stop.is_set():  # closed meanwhile: nothing may stay pinned after close
+                for pin in pins.values():
+                    pin.close()
+                return
             self._pins.update({k: (pin, 1) for k, pin in pins.items()})  # only this thread adds shards
             self._ready[(epoch, g)] = tuple(shards)
             self._release_before((self._at[0], self._at[1] - 1))  # the reader may have moved past it meanwhile
@@ -157,9 +161,14 @@ class Window:
             self._cond.wait(0.2)
 
     def close(self) -> None:
+        """Stop fetching and unpin everything; from another thread, wait (briefly) for the
+        prefetch thread to finish the group it holds, so that its pins are gone on return."""
         self._stop.set()
         with self._cond:
             self._release_before((1 << 62, 0))
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
 
     def __del__(self):
         self.close()
