@@ -69,5 +69,4 @@ def test_a_gpus_default_batch_leaves_each_stage_its_steps(small_shards):
     assert [s.batch for s in replace(gpu, epochs=(5.0, 5.0)).stages(400_000, 1)] == [GPU_BATCH[64], GPU_BATCH[224]]
     assert [s.batch for s in replace(gpu, batch_size=(512,)).stages(32_000, 1)] == [512, 512]
     assert [s.batch for s in replace(gpu, device="cpu").stages(32_000, 1)] == [16, 8]
-    assert train_samples(str(small_shards)) == sum(
-        e["samples"] for e in json.loads((small_shards / "manifest.json").read_text())["splits"]["train"]["shards"])
+    assert train_samples(str(small_shards)) == 36  # 48 samples, a quarter of them validation
