@@ -15,7 +15,8 @@ from pipeline.shard import ShardSettings, shard
 from conftest import coordinate_bg, encode
 from train import baselines, precision
 from train.dist import DistContext
-from train.losses import LossWeights, dice_loss, head_loss, kl_bce
+from train.evaluate import loss_weights
+from train.losses import LossWeights, dice_loss, head_loss, kl_bce, lovasz_loss
 from train.main import main as train_main
 from train.run import Run, lr_factor, peak_lr
 from train.settings import RECIPES, TrainSettings, settings_from
@@ -60,8 +61,8 @@ def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():
     # The seed's recipe, spelled out (not read back from the table it is checked against).
     assert (ref.model, ref.optimizer, ref.lr, ref.lr_scaling, ref.schedule, ref.lr_step, ref.lr_gamma, ref.warmup) == \
         ("reference", "adam", (1e-3,), "none", "step", 2, 0.5, 0.0)
-    assert (ref.dropout, ref.mask_prior, ref.depth_prior, ref.w_dice, ref.mask_image_terms, ref.aug_shared) == \
-        (0.2, 0.0, 0.0, 0.0, True, False)
+    assert (ref.dropout, ref.mask_prior, ref.depth_prior, ref.w_dice, ref.w_lovasz, ref.mask_image_terms, ref.aug_shared) == \
+        (0.2, 0.0, 0.0, 0.0, 0.0, True, False)
     fast = settings_from([])
     assert fast == TrainSettings() and fast.recipe == "fast"
     assert any(getattr(fast, k) != v for k, v in RECIPES["reference"].items())
@@ -140,6 +141,32 @@ def test_mask_loss_terms():
     assert head_loss(pred, target, with_image, bce=True) > head_loss(pred, target, only, bce=True)
     # the depth head keeps its image terms whatever the mask's setting
     assert head_loss(pred, target, only) == pytest.approx(head_loss(pred, target, with_image))
+
+
+def test_lovasz_term_is_one_minus_the_batchs_iou_on_hard_masks():
+    """On 0/1 predictions the Lovász extension is the set function itself: 1 − IoU of the whole
+    batch (the metric's definition); between them it is a convex interpolation with gradient."""
+    g = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        pred, target = ((torch.rand(3, 1, 16, 16, generator=g) > q).float() for q in (0.6, 0.7))
+        iou = (pred * target).sum() / ((pred + target) > 0).sum()
+        assert lovasz_loss(pred, target).item() == pytest.approx(1 - iou.item(), abs=1e-6)
+    assert lovasz_loss(target, target).item() == 0.0 and lovasz_loss(1 - target, target).item() == pytest.approx(1.0)
+    assert lovasz_loss(target * 0.7 + 0.15, target).item() == pytest.approx(0.15)  # every error 0.15: hull of the vertices
+    soft = torch.rand(3, 1, 16, 16, generator=g).requires_grad_()
+    lovasz_loss(soft, target).backward()
+    assert torch.isfinite(soft.grad).all() and (soft.grad[target > 0.5] <= 0).all() and (soft.grad[target < 0.5] >= 0).all()
+    only = LossWeights(w_bce=0.0, w_lovasz=2.0, mask_image_terms=False)
+    assert head_loss(soft, target, only, bce=True).item() == pytest.approx(2 * lovasz_loss(soft, target).item())
+    assert head_loss(soft, target, only).item() > 0  # the depth head: image terms only, no Lovász
+
+
+def test_the_default_mask_loss_has_the_lovasz_term_and_the_old_recipes_do_not():
+    """The validation loss of the trainer and of evaluate is the run's: its weights by name."""
+    assert loss_weights(TrainSettings().__dict__).w_lovasz == 1.0
+    for recipe in ("reference", "diff"):
+        assert loss_weights(settings_from(["--recipe", recipe]).__dict__).w_lovasz == 0.0
+    assert loss_weights({"w_dice": 1.0}).w_lovasz == 0.0  # a run saved before the term trained without it
 
 
 def test_diff_model_sees_the_change_and_reference_keeps_its_size():

@@ -1,6 +1,6 @@
-"""Training loss: per head w_ssim·(1 − SSIM) + w_l1·L1 + w_edge·edge, plus w_bce·BCE and
-w_dice·Dice on the mask head (whose SSIM/L1/edge terms `mask_image_terms` can switch off);
-total = mask + depth.
+"""Training loss: per head w_ssim·(1 − SSIM) + w_l1·L1 + w_edge·edge, plus w_bce·BCE,
+w_dice·Dice and w_lovasz·Lovász on the mask head (whose SSIM/L1/edge terms `mask_image_terms`
+can switch off); total = mask + depth.
 
     from train.losses import LossWeights, total_loss
     loss, parts = total_loss(mask_pred, depth_pred, batch["mask"], batch["depth"], LossWeights())
@@ -103,6 +103,10 @@ class LossWeights:
     # Mask head only: soft Dice over the batch (1 − 2|P∩G| / (|P| + |G|)), which weighs the
     # object as a whole however small it is.
     w_dice: float = 0.0
+    # Mask head only: the Lovász extension of 1 − IoU over the batch (Berman et al., "The
+    # Lovász-Softmax loss", CVPR 2018): equal to 1 − IoU on hard masks, convex between them, so
+    # it optimises the metric itself, pixels at the object's boundary first (where the errors are).
+    w_lovasz: float = 0.0
     # Whether the mask head also gets the image terms above (SSIM, L1, edge), as the reference did.
     mask_image_terms: bool = True
 
@@ -144,6 +148,19 @@ def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> tor
     return 1 - (2 * inter + eps) / (pred.sum() + target.sum() + eps)
 
 
+def lovasz_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Lovász-softmax's foreground term on probabilities over the whole batch (the metric's IoU
+    is the set's, not a mean of images'): the errors |y − p| sorted, each weighted by how much
+    1 − IoU grows when its pixel joins the wrong set (targets > 0.5 are the object)."""
+    errors = (target - pred).abs().flatten()
+    errors, order = errors.sort(descending=True)
+    gt = (target.flatten()[order] > 0.5).float()
+    total = gt.sum()
+    jaccard = 1 - (total - gt.cumsum(0)) / (total + (1 - gt).cumsum(0))
+    jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+    return (errors * jaccard).sum()  # not a dot product: TF32 and bf16 matmul settings never reach it
+
+
 def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights, bce: bool = False) -> torch.Tensor:
     """Loss of one head; pred and target are B×1×H×W in [0, 1], H and W at least 11 (the SSIM
     window). Computed in float32 with autocast off, SSIM's blur in IEEE float32 (_Blur): its
@@ -163,6 +180,8 @@ def head_loss(pred: torch.Tensor, target: torch.Tensor, weights: LossWeights, bc
             loss = loss + weights.w_bce * kl_bce(pred, target)
         if bce and weights.w_dice:
             loss = loss + weights.w_dice * dice_loss(pred, target)
+        if bce and weights.w_lovasz:
+            loss = loss + weights.w_lovasz * lovasz_loss(pred, target)
         return loss
 
 

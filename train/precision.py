@@ -131,7 +131,7 @@ def time_steps(probe: Probe, channels_last: bool, steps: int = TIMED_STEPS) -> t
             with torch.set_grad_enabled(probe.train), p.autocast():
                 m, d = net(x)
             if probe.train:
-                loss, _ = total_loss(m, d, mask, depth, LossWeights(w_dice=1.0, mask_image_terms=False))
+                loss, _ = total_loss(m, d, mask, depth, LossWeights(w_dice=1.0, w_lovasz=1.0, mask_image_terms=False))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -113,7 +113,7 @@ class TrainSettings:
     recipe: str = field(default="fast", metadata={"help": "fast: the measured best (BENCHMARKS.md); diff: the defaults before the unet "
                                                            "model; reference: the seed's Adam + StepLR + loss. Sets the options below that are not given"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw (decoupled weight decay) or adam (L2, the reference's)"})
-    lr: tuple = field(default=(2e-3,), metadata={"help": "peak learning rate at a global batch of --lr-batch, one for every "
+    lr: tuple = field(default=(4e-3,), metadata={"help": "peak learning rate at a global batch of --lr-batch, one for every "
                                                          "stage or one per stage (e.g. 4e-3,1e-3,5e-4)"})
     lr_batch: int = field(default=32, metadata={"help": "global batch (all ranks) at which --lr applies"})
     lr_max: float = field(default=0.0, metadata={"help": "cap on the peak learning rate after scaling to the global batch; 0 = none"})
@@ -134,6 +134,7 @@ class TrainSettings:
     w_edge: float = field(default=LossWeights.w_edge, metadata={"help": "loss weight of the Sobel edge term, per head"})
     w_bce: float = field(default=LossWeights.w_bce, metadata={"help": "loss weight of BCE (as KL) on the mask head"})
     w_dice: float = field(default=1.0, metadata={"help": "loss weight of soft Dice on the mask head"})
+    w_lovasz: float = field(default=1.0, metadata={"help": "loss weight of the Lovász term on the mask head: a convex surrogate of its IoU"})
     mask_image_terms: bool = field(default=False, metadata={"help": "the mask head also gets the SSIM, L1 and edge terms"})
     ema: float = field(default=0.0, metadata={"help": "decay of an average of the weights (e.g. 0.995) a step at a global batch of "
                                                        "--lr-batch (d^(batch/lr-batch) at another); validated, and best.pt's weights; 0 = off"})
@@ -239,9 +240,9 @@ class Stage:
 # What --recipe sets, unless given on the command line. "fast" is the dataclass defaults above.
 RECIPES = {
     "fast": {},
-    "diff": {"model": "diff", "lr": (2e-3,), "aug_ops": ",".join(OPS)},
+    "diff": {"model": "diff", "lr": (2e-3,), "w_lovasz": 0.0, "aug_ops": ",".join(OPS)},
     "reference": {"model": "reference", "optimizer": "adam", "lr": (1e-3,), "lr_scaling": "none", "schedule": "step", "warmup": 0.0,
-                  "dropout": 0.2, "mask_prior": 0.0, "depth_prior": 0.0, "w_dice": 0.0, "mask_image_terms": True,
+                  "dropout": 0.2, "mask_prior": 0.0, "depth_prior": 0.0, "w_dice": 0.0, "w_lovasz": 0.0, "mask_image_terms": True,
                   "sync_bn": False, "aug_shared": False, "aug_ops": ",".join(OPS), "ema": 0.0, "lr_max": 0.0},
 }
 CHOICES = {"recipe": tuple(RECIPES), "precision": MODES, "model": tuple(MODELS), "optimizer": ("adamw", "adam"),
