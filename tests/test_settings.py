@@ -62,9 +62,9 @@ def test_a_gpus_default_batch_leaves_each_stage_its_steps(small_shards):
 
     assert MIN_STEPS == 1000
     gpu = replace(TrainSettings(), device="cuda", res=(64, 224), epochs=(1.0, 0.1))
-    assert [s.batch for s in gpu.stages(32_000, 1)] == [32, 8]  # 1,000 steps; 3,200 samples: the floor
-    assert [s.batch for s in gpu.stages(32_000, 2)] == [16, 8]
-    assert [s.batch for s in gpu.stages(32_000, 8)] == [8, 8]
+    assert [s.batch for s in gpu.stages(32_000, 1)] == [32, 4]  # 1,000 steps; 3,200 samples: the floor
+    assert [s.batch for s in gpu.stages(32_000, 2)] == [16, 4]
+    assert [s.batch for s in gpu.stages(32_000, 8)] == [4, 4]  # global 32, the CPU's steps
     assert [s.batch for s in replace(gpu, epochs=(5.0, 5.0)).stages(400_000, 8)] == [250, GPU_BATCH[224]]
     assert [s.batch for s in replace(gpu, epochs=(5.0, 5.0)).stages(400_000, 1)] == [GPU_BATCH[64], GPU_BATCH[224]]
     assert [s.batch for s in replace(gpu, batch_size=(512,)).stages(32_000, 1)] == [512, 512]

@@ -58,11 +58,13 @@ with each remaining sample once and fewer than one global batch of the epoch lef
 # then take fewer than MIN_STEPS optimizer steps: at equal samples (32k, 64 px) global batches of
 # 64 / 128 / 256 / 1024 (500 / 250 / 125 / 31 steps) ended 0.008 / 0.020 / 0.039 / 0.147 mask IoU
 # below the CPU's 32 (1,000 steps): what a short run lacks is steps (BENCHMARKS.md, "Study 3").
-# GPU_MIN_BATCH keeps batch norm's statistics sound. scripts/gpu_check.sh reports the peak memory.
+# GPU_MIN_BATCH keeps batch norm's statistics sound: 8 ranks × 4 trained as well as 2 × 16 at
+# equal samples (0.9423 / 0.0207 against 0.9420 / 0.0201, "Study 3"), and 2 × 32 (500 steps) did
+# not, with the rate capped or not. scripts/gpu_check.sh reports the peak memory.
 CPU_BATCH = {64: 16, 128: 16, 224: 8}
 GPU_BATCH = {64: 1024, 128: 256, 224: 128}
 MIN_STEPS = 1000
-GPU_MIN_BATCH = 8
+GPU_MIN_BATCH = 4
 
 
 def default_batch(res: int, gpu: bool, stage_samples: float = 0, world_size: int = 1) -> int:
@@ -108,8 +110,8 @@ class TrainSettings:
     epochs: tuple = field(default=(5.0,), metadata={"help": "epochs, one number for every stage or one per stage (e.g. 8,3,2); "
                                                            "fractions are fine (0.5: half of a large set; the schedule spans it)"})
     batch_size: tuple = field(default=(0,), metadata={"help": "per rank, one for every stage or one per stage; 0 = by resolution: "
-                                                             "on the CPU 16 at 64 and 128 px, 8 at 224; on a GPU 1024, 256, 128, or less (at least 8) to "
-                                                             "give each stage 1,000 steps"})
+                                                             f"on the CPU {CPU_BATCH} by px; on a GPU {GPU_BATCH}, or less (at least {GPU_MIN_BATCH}) to "
+                                                             f"give each stage {MIN_STEPS:,} steps"})
     recipe: str = field(default="fast", metadata={"help": "fast: the measured best (BENCHMARKS.md); diff: the defaults before the unet "
                                                            "model; reference: the seed's Adam + StepLR + loss. Sets the options below that are not given"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw (decoupled weight decay) or adam (L2, the reference's)"})
