@@ -310,17 +310,20 @@ def test_quality_table_puts_the_baselines_beside_each_run():
     assert bq.parse_budget("4k") == 4000 and bq.parse_budget("32k") == 32000 and bq.parse_budget("500") == 500
 
 
-def test_a_run_from_before_aug_ops_goes_on_with_every_op(tmp_path):
-    """Settings saved before --aug-ops existed (no such key) trained with the reference's ops:
-    --resume and --config keep them, where today's default is none."""
+def test_a_run_from_before_aug_ops_and_lovasz_goes_on_as_it_trained(tmp_path):
+    """Settings saved before --aug-ops and --w-lovasz existed (no such keys) trained with the
+    reference's ops and no Lovász term: --resume and --config keep both, where today's defaults
+    are no ops and the term."""
     from dataclasses import asdict
 
     from pipeline.augment import OPS
     from train import checkpoint
 
-    old = {k: v for k, v in asdict(TrainSettings(out=str(tmp_path / "old"))).items() if k != "aug_ops"}
+    old = {k: v for k, v in asdict(TrainSettings(out=str(tmp_path / "old"))).items() if k not in ("aug_ops", "w_lovasz")}
     checkpoint.save(tmp_path / "old" / "last.pt", {"settings": old})
-    assert settings_from(["--out", str(tmp_path / "old"), "--resume"]).aug_ops == ",".join(OPS)
+    resumed = settings_from(["--out", str(tmp_path / "old"), "--resume"])
+    assert (resumed.aug_ops, resumed.w_lovasz) == (",".join(OPS), 0.0)
     (tmp_path / "settings.json").write_text(json.dumps(old))
-    assert settings_from(["--config", str(tmp_path / "settings.json"), "--out", str(tmp_path / "new")]).aug_ops == ",".join(OPS)
-    assert settings_from([]).aug_ops == ""
+    copied = settings_from(["--config", str(tmp_path / "settings.json"), "--out", str(tmp_path / "new")])
+    assert (copied.aug_ops, copied.w_lovasz) == (",".join(OPS), 0.0)
+    assert (settings_from([]).aug_ops, settings_from([]).w_lovasz) == ("", 1.0)

@@ -280,8 +280,9 @@ def get_args_parser(only_given: bool = False) -> argparse.ArgumentParser:
 
 
 # What a run's saved settings mean where they predate a setting whose default has changed since:
-# a run from before --aug-ops trained with every op, and goes on (or is copied) that way.
-BEFORE_THEY_WERE_SAVED = {"aug_ops": ",".join(OPS)}
+# a run from before --aug-ops trained with every op, one from before --w-lovasz without the term,
+# and each goes on (or is copied) that way.
+BEFORE_THEY_WERE_SAVED = {"aug_ops": ",".join(OPS), "w_lovasz": 0.0}
 
 # Flags of earlier versions, said in today's words.
 RENAMED_FLAGS = {"--bf16": ["--precision", "auto"], "--no-bf16": ["--precision", "float32"]}
