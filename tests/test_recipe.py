@@ -54,6 +54,15 @@ def test_lr_scales_with_the_global_batch():
     assert peak_lr(TrainSettings(lr=1e-3, lr_batch=32, lr_scaling="sqrt", lr_max=0), 1024) == pytest.approx(1e-3 * 32 ** 0.5)
 
 
+def test_the_default_rate_grows_with_the_batch_up_to_its_cap():
+    """The default's 4e-3 at a global batch of 32 follows the square root up to 2e-2 (one GPU's
+    1,024 would be 2.26e-2) and no further: 8 GPUs' 8,192 would be 6.4e-2."""
+    s = TrainSettings()
+    assert peak_lr(s, 32) == pytest.approx(4e-3) and peak_lr(s, 512) == pytest.approx(1.6e-2)
+    assert peak_lr(s, 1024) == pytest.approx(2e-2) and peak_lr(s, 8192) == pytest.approx(2e-2)
+    assert peak_lr(TrainSettings(lr_max=0.0), 8192) == pytest.approx(6.4e-2)  # --lr-max 0: no cap
+
+
 def test_recipe_reference_sets_the_seed_recipe_and_flags_still_win():
     ref = settings_from(["--recipe", "reference"])
     for key, value in RECIPES["reference"].items():

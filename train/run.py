@@ -46,7 +46,7 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, s: TrainSettings) -> 
 def peak_lr(s: TrainSettings, global_batch: int, lr: float | None = None) -> float:
     """--lr (a stage's, or the first) moved to the global batch: linear (Goyal et al. 2017, for
     SGD) or square root (what keeps Adam's update noise level, Malladi et al. 2022), then capped
-    at --lr-max: Adam at a GPU's batch diverges or learns less past it (BENCHMARKS.md, issue 23)."""
+    at --lr-max: past it Adam at a GPU's batch learned less (BENCHMARKS.md, issue 23, Study 3)."""
     ratio = global_batch / s.lr_batch
     scaled = (s.lr[0] if lr is None else lr) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[s.lr_scaling]
     return min(scaled, s.lr_max) if s.lr_max else scaled
