@@ -243,7 +243,7 @@ class Stage:
 # What --recipe sets, unless given on the command line. "fast" is the dataclass defaults above.
 RECIPES = {
     "fast": {},
-    "diff": {"model": "diff", "lr": (2e-3,), "w_lovasz": 0.0, "aug_ops": ",".join(OPS)},
+    "diff": {"model": "diff", "lr": (2e-3,), "lr_max": 0.0, "w_lovasz": 0.0, "aug_ops": ",".join(OPS)},
     "reference": {"model": "reference", "optimizer": "adam", "lr": (1e-3,), "lr_scaling": "none", "schedule": "step", "warmup": 0.0,
                   "dropout": 0.2, "mask_prior": 0.0, "depth_prior": 0.0, "w_dice": 0.0, "w_lovasz": 0.0, "mask_image_terms": True,
                   "sync_bn": False, "aug_shared": False, "aug_ops": ",".join(OPS), "ema": 0.0, "lr_max": 0.0},
