@@ -61,6 +61,7 @@ def test_the_default_rate_grows_with_the_batch_up_to_its_cap():
     assert peak_lr(s, 32) == pytest.approx(4e-3) and peak_lr(s, 512) == pytest.approx(1.6e-2)
     assert peak_lr(s, 1024) == pytest.approx(2e-2) and peak_lr(s, 8192) == pytest.approx(2e-2)
     assert peak_lr(TrainSettings(lr_max=0.0), 8192) == pytest.approx(6.4e-2)  # --lr-max 0: no cap
+    assert peak_lr(TrainSettings(lr=5e-2), 32) == peak_lr(TrainSettings(lr=5e-2), 8192) == pytest.approx(5e-2)  # given: kept
     for recipe in ("diff", "reference"):  # the defaults before, exactly: no cap
         assert settings_from(["--recipe", recipe]).lr_max == 0.0
 

@@ -48,8 +48,9 @@ def peak_lr(s: TrainSettings, global_batch: int, lr: float | None = None) -> flo
     SGD) or square root (what keeps Adam's update noise level, Malladi et al. 2022), then capped
     at --lr-max: past it Adam at a GPU's batch learned less (BENCHMARKS.md, issue 23, Study 3)."""
     ratio = global_batch / s.lr_batch
-    scaled = (s.lr[0] if lr is None else lr) * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[s.lr_scaling]
-    return min(scaled, s.lr_max) if s.lr_max else scaled
+    base = s.lr[0] if lr is None else lr
+    scaled = base * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[s.lr_scaling]
+    return min(scaled, max(s.lr_max, base)) if s.lr_max else scaled  # a rate given above the cap is the user's
 
 
 class Run:

@@ -118,8 +118,8 @@ class TrainSettings:
     lr: tuple = field(default=(4e-3,), metadata={"help": "peak learning rate at a global batch of --lr-batch, one for every "
                                                          "stage or one per stage (e.g. 4e-3,1e-3,5e-4)"})
     lr_batch: int = field(default=32, metadata={"help": "global batch (all ranks) at which --lr applies"})
-    lr_max: float = field(default=2e-2, metadata={"help": "cap on the peak learning rate after scaling to the global batch (about one "
-                                                           "GPU's default rate: 8 GPUs' uncapped 6.4e-2 trained worse); 0 = none"})
+    lr_max: float = field(default=2e-2, metadata={"help": "how far scaling to the global batch may raise the peak learning rate (about one "
+                                                           "GPU's default rate: 8 GPUs' uncapped 6.4e-2 trained worse); a larger --lr stays; 0 = no cap"})
     lr_scaling: str = field(default="sqrt", metadata={"help": "how the learning rate follows the global batch: sqrt, linear or none"})
     schedule: str = field(default="cosine", metadata={"help": "cosine (to 0 at each stage's last step, after --warmup) or step (StepLR)"})
     warmup: float = field(default=0.05, metadata={"help": "linear warm-up over this fraction of each stage's steps"})
