@@ -91,6 +91,12 @@ def parse_budget(text: str) -> int:
     return int(float(text[:-1]) * 1000) if text.lower().endswith("k") else int(text)
 
 
+def run_ranks(command: str) -> int:
+    """The torchrun processes of a finished run, from the command its done.json keeps (1 without torchrun)."""
+    words = shlex.split(command)
+    return int(words[words.index("--nproc_per_node") + 1]) if "--nproc_per_node" in words else 1
+
+
 def dataset(work: Path, name: str, settings: dict, val_fraction: float = 0.05) -> Path:
     """make-dataset → shard, once; the shards are reused while their manifest is there."""
     from pipeline.make_dataset import MakeSettings, make_dataset
@@ -177,7 +183,7 @@ def run_one(name: str, flags: str, budget: int, a, shards: Path, sets: dict[str,
     held = {set_name: held_out(out, set_name, path, a.res, a.loader, trained_by) for set_name, path in sets.items()}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     batch = json.loads((out / "settings.json").read_text())["batch_size"]  # a variant may set its own
-    global_batch = (batch[0] if isinstance(batch, list) else batch) * a.ranks
+    global_batch = (batch[0] if isinstance(batch, list) else batch) * run_ranks(done["command"])  # the run's, not today's --ranks
     curve = [{**r, "seen": r["step"] * global_batch} for r in log if r["kind"] == "val"]
     print(f"{name:>16} {budget:>7,}: mask IoU {curve[-1]['mask_iou']:.4f}, depth rms {curve[-1]['depth_rms']:.4f}; "
           f"held out {held['holdout']['mask_iou']:.4f}, {held['holdout']['depth_rms']:.4f} ({done['wall_s']:.0f} s)", flush=True)

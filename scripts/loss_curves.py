@@ -9,19 +9,15 @@ issue 23, Study 3), where a picture of 20 runs says less than a table.
 
 import argparse
 import json
-import shlex
 from pathlib import Path
 
-
-def samples(text: str) -> int:
-    return int(float(text[:-1]) * 1000) if text.endswith("k") else int(text)
+from bench_quality import parse_budget, run_ranks
 
 
 def ranks(run: Path, default: int) -> int:
     """The torchrun processes of a bench_quality run (its done.json keeps the command), else default."""
     done = run / "done.json"
-    words = shlex.split(json.loads(done.read_text())["command"]) if done.is_file() else []
-    return int(words[words.index("--nproc_per_node") + 1]) if "--nproc_per_node" in words else (1 if words else default)
+    return run_ranks(json.loads(done.read_text())["command"]) if done.is_file() else default
 
 
 def curve(run: Path, default_ranks: int) -> tuple[list[dict], dict, int]:
@@ -39,7 +35,7 @@ def main() -> None:
     p.add_argument("--at", default="4k,8k,16k,32k", help="samples seen, comma-separated (default: %(default)s)")
     p.add_argument("--ranks", type=int, default=2, help="ranks of a run without bench_quality's done.json (default: %(default)s)")
     a = p.parse_args()
-    points = [samples(t) for t in a.at.split(",")]
+    points = [parse_budget(t) for t in a.at.split(",")]
     print("| run | global batch | " + " | ".join(f"mask / depth loss at {n:,}" for n in points)
           + " | val mask IoU | val depth rms |")
     print("|---|---:|" + "---:|" * (len(points) + 2))

@@ -28,3 +28,11 @@ def test_losses_are_read_at_the_samples_of_the_global_batch(tmp_path):
     assert out[2] == "| eight | 32 | 0.020 / 0.200 | 0.040 / 0.400 (at 1,280) | 0.9000 | 0.0200 |"
     # 1 rank × 4: 640 samples are past the last step (160): its last point, and where it is
     assert out[3].startswith("| one | 4 | 0.040 / 0.400 (at 160) |")
+
+
+def test_a_run_without_bench_qualitys_record_takes_the_ranks_given(tmp_path):
+    bare = fake_run(tmp_path / "bare", 16, "unused")
+    (bare / "done.json").unlink()  # a train/main.py run of one's own: no command kept
+    out = subprocess.run([sys.executable, ROOT / "scripts" / "loss_curves.py", bare, "--at", "640", "--ranks", "2"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[2] == "| bare | 32 | 0.020 / 0.200 | 0.9000 | 0.0200 |"  # 2 × 16: 640 samples at step 20
